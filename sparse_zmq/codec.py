@@ -1,0 +1,151 @@
+"""Tensor codec: a torch tensor as a small description plus one raw buffer.
+
+A tensor travels as two parts:
+
+* its **description**, a JSON-ready dict ``{"dtype": "float32", "shape": [2, 3]}``
+  that goes into the message header;
+* its **buffer**, the tensor's elements in C order, native byte order, handed
+  to ZeroMQ as a buffer-protocol object that shares memory with the tensor
+  (no copy is made when the tensor is already contiguous and on the CPU).
+
+Tensors that require grad are detached, tensors on an accelerator are moved
+to the CPU, non-contiguous, expanded, conjugated or negated views are made
+contiguous first. Zero-size and 0-d tensors are allowed. Every dtype that torch
+can hold in dense memory is supported, ``bfloat16``, ``float16``, ``float8``
+variants and complex types included; quantized and sparse tensors are refused
+with :class:`~sparse_zmq.errors.ProtocolError`.
+
+Decoding checks the description (dtype on the allow-list, shape a list of
+non-negative integers, element count within limits) and that the buffer holds
+exactly ``numel * itemsize`` bytes before anything is built. The decoded
+tensor owns a fresh, writable copy of the received bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparse_zmq.errors import ProtocolError
+
+__all__ = ["DTYPES", "describe", "encode_tensor", "decode_tensor", "MAX_DIMS"]
+
+# Highest rank accepted from the wire; torch itself allows 64 dimensions.
+MAX_DIMS = 64
+
+
+def _dense_dtypes() -> dict[str, torch.dtype]:
+    """Every torch dtype that can live in a dense CPU tensor, by name."""
+    found: dict[str, torch.dtype] = {}
+    for name in dir(torch):
+        value = getattr(torch, name)
+        if not isinstance(value, torch.dtype) or value.is_quantized:
+            continue
+        canonical = str(value).removeprefix("torch.")
+        if canonical in found:
+            continue
+        try:
+            torch.empty(1, dtype=value).view(torch.uint8)
+        except (RuntimeError, TypeError):
+            # Shell dtypes (bits*, uint1..7, int1..7) have no storage kernels.
+            continue
+        found[canonical] = value
+    return found
+
+
+DTYPES: dict[str, torch.dtype] = _dense_dtypes()
+"""Dtypes allowed on the wire, keyed by their name without ``torch.``."""
+
+
+def describe(tensor: torch.Tensor) -> dict[str, Any]:
+    """Return the wire description of ``tensor`` (dtype name and shape)."""
+    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+
+
+def encode_tensor(tensor: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
+    """Turn a tensor into its wire description and a zero-copy byte buffer.
+
+    Args:
+        tensor: Any dense tensor; it may require grad, live on a GPU or be a
+            non-contiguous view.
+
+    Returns:
+        The description for the header, and a flat ``uint8`` memoryview over
+        the tensor's contiguous CPU memory. The memoryview keeps that memory
+        alive for as long as ZeroMQ holds it.
+
+    Raises:
+        ProtocolError: The tensor is sparse, quantized or of a dtype that has
+            no dense storage.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise ProtocolError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ProtocolError(f"only dense tensors can be sent, got layout {tensor.layout}")
+    if tensor.is_quantized:
+        raise ProtocolError(f"quantized tensors cannot be sent, got dtype {tensor.dtype}")
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ProtocolError(f"dtype {name} has no dense storage; allowed: {sorted(DTYPES)}")
+
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.resolve_conj().resolve_neg().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8)
+    return describe(tensor), memoryview(raw.numpy())
+
+
+def decode_tensor(description: Any, buffer: Any, *, max_bytes: int) -> torch.Tensor:
+    """Build a writable tensor from a wire description and its byte buffer.
+
+    Args:
+        description: The tensor's entry from the header, as received.
+        buffer: Any buffer-protocol object holding the raw elements.
+        max_bytes: Largest buffer accepted for one tensor.
+
+    Returns:
+        A new CPU tensor with its own writable memory.
+
+    Raises:
+        ProtocolError: The description is malformed, names an unknown dtype,
+            or the buffer size is not ``numel * itemsize``.
+    """
+    if not isinstance(description, dict):
+        raise ProtocolError(f"tensor description must be an object, got {description!r:.80}")
+    name = description.get("dtype")
+    shape = description.get("shape")
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise ProtocolError(f"unknown dtype {name!r:.40}; allowed: {sorted(DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(n) is int and n >= 0 for n in shape)
+    ):
+        raise ProtocolError(
+            f"shape must be a list of at most {MAX_DIMS} non-negative integers, "
+            f"got {shape!r:.80}"
+        )
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    view = memoryview(buffer).cast("B")
+    if expected > max_bytes:
+        raise ProtocolError(
+            f"tensor of shape {shape} and dtype {name} needs {expected} bytes, "
+            f"above the limit of {max_bytes}"
+        )
+    if view.nbytes != expected:
+        raise ProtocolError(
+            f"buffer for tensor of shape {shape} and dtype {name} holds {view.nbytes} "
+            f"bytes, expected {expected}"
+        )
+
+    out = torch.empty(expected, dtype=torch.uint8)
+    if expected:
+        out.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+    return out.view(dtype).reshape(shape)
