@@ -24,6 +24,7 @@ tensor owns a fresh, writable copy of the received bytes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -42,15 +43,18 @@ def _dense_dtypes() -> dict[str, torch.dtype]:
     found: dict[str, torch.dtype] = {}
     for name in dir(torch):
         value = getattr(torch, name)
-        if not isinstance(value, torch.dtype) or value.is_quantized:
+        if not isinstance(value, torch.dtype) or name.startswith("q") or name == "quint4x2":
             continue
         canonical = str(value).removeprefix("torch.")
         if canonical in found:
             continue
         try:
-            torch.empty(1, dtype=value).view(torch.uint8)
+            with warnings.catch_warnings():
+                # complex32 and bcomplex32 warn that they are experimental.
+                warnings.simplefilter("ignore", UserWarning)
+                torch.empty(1, dtype=value).view(torch.uint8)
         except (RuntimeError, TypeError):
-            # Shell dtypes (bits*, uint1..7, int1..7) have no storage kernels.
+            # Dtypes without storage kernels cannot be put on the wire.
             continue
         found[canonical] = value
     return found
