@@ -1,0 +1,1 @@
+"""The split-learning applications: model definitions, partitioning and data."""
