@@ -1,0 +1,865 @@
+"""The per-node monitor: a sidecar that turns fire-and-forget records into CSV files.
+
+Every node runs one monitor process. The processes of the node (data source,
+stages, brokers) each hold a :class:`MonitorClient` and send it one small record
+per finished task over a local ``ipc://`` socket. Nothing ever waits on the
+monitor: a client sends without blocking and drops the record when its queue is
+full, so a slow, absent or dead monitor costs the pipeline nothing but the lost
+records, which are counted.
+
+Wire format. One record is one ZeroMQ message of exactly one frame, holding a
+UTF-8 JSON object::
+
+    field             type   meaning
+    ----------------  -----  -----------------------------------------------
+    v                 int    record format version, :data:`RECORD_VERSION`
+    type              str    record type; routes the record to its CSV file
+    dropped_before    int    optional: records this client dropped since its
+                             last record that got through (added to
+                             ``dropped_by_clients``)
+    ...                      the fields of the record type (see below)
+
+A ``task`` record carries every column of :data:`TASK_COLUMNS` except
+``duration_s``, which the server derives as ``end_time - start_time``. Unknown
+extra fields are ignored, so a newer client can talk to an older monitor.
+
+Files. Each record type has one CSV file in the run's output folder; this
+version knows only ``task`` (``tasks.csv``), and :data:`RECORD_TYPES` is where
+later types (host, net and GPU sampling) add their own file and columns. A row
+is written and flushed as soon as its record arrives, so a crash leaves a file
+that parses. Text fields have line breaks replaced by spaces, so one row is
+always one line; a restarted monitor uses that to cut a half-written last row
+off before it appends. On a clean stop the monitor writes ``monitor.json`` with
+its counts (records written, malformed, dropped by clients) for that run.
+
+Example, in a stage::
+
+    with MonitorClient(endpoint, node="fog-1", stage="stage-1", role="worker") as mon:
+        start = time.time()
+        ...  # run the task
+        mon.task(task_id, "forward", 32, start, time.time(), nbytes_in, nbytes_out)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import signal
+import socket as std_socket
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import zmq
+
+from sparse_zmq.errors import ConfigError, ProtocolError
+
+__all__ = [
+    "RECORD_TYPES",
+    "RECORD_VERSION",
+    "TASK_COLUMNS",
+    "TASK_RECORD",
+    "MonitorClient",
+    "MonitorServer",
+    "MonitorStats",
+    "RecordType",
+    "default_endpoint",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+"""Version carried in every record as ``v``; the server refuses other values."""
+
+TASK_COLUMNS: tuple[str, ...] = (
+    "node",
+    "stage",
+    "role",
+    "task_id",
+    "op",
+    "batch_size",
+    "start_time",
+    "end_time",
+    "duration_s",
+    "bytes_in",
+    "bytes_out",
+    "status",
+    "detail",
+)
+"""Columns of ``tasks.csv``; start and end are wall-clock Unix seconds."""
+
+MAX_TEXT_CHARS = 512
+"""Longest text field kept in a row; longer values are cut (the client cuts
+``detail`` itself so a long error message does not cost a large send)."""
+
+MAX_RECORD_BYTES = 64 * 1024
+"""Largest record accepted; a task record is a few hundred bytes."""
+
+SUMMARY_FILE = "monitor.json"
+"""File in the output folder that receives the counts on a clean stop."""
+
+_IPC_PATH_MAX = 100
+"""Longest ipc socket path used as is. ``sockaddr_un.sun_path`` holds 108 bytes
+on Linux and 104 on macOS including the terminating NUL; 100 leaves a margin."""
+
+_POLL_MS = 100
+"""How long one poll of the server waits, which bounds how late it sees ``stop``."""
+
+_DRAIN_MAX = 10_000
+"""Most records handled between two checks of ``stop`` (and on the final drain)."""
+
+
+@dataclass(frozen=True)
+class RecordType:
+    """How one record type is checked and which CSV file its rows go to.
+
+    Attributes:
+        name: Value of the record's ``type`` field.
+        file_name: CSV file in the output folder.
+        columns: Header row of that file.
+        to_row: Checks a decoded record and returns its row, one string per
+            column; raises :class:`~sparse_zmq.errors.ProtocolError` naming the
+            faulty field.
+    """
+
+    name: str
+    file_name: str
+    columns: tuple[str, ...]
+    to_row: Callable[[Mapping[str, Any]], list[str]]
+
+
+def _text(record: Mapping[str, Any], name: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise ProtocolError(_field_fault(record, name, "a string"))
+    # One row must stay one line: the crash repair cuts back to the last newline.
+    if "\n" in value or "\r" in value:
+        value = value.replace("\r", " ").replace("\n", " ")
+    return value[:MAX_TEXT_CHARS]
+
+
+def _count(record: Mapping[str, Any], name: str) -> int:
+    value = record.get(name)
+    if type(value) is not int or value < 0:
+        raise ProtocolError(_field_fault(record, name, "a non-negative integer"))
+    return value
+
+
+def _seconds(record: Mapping[str, Any], name: str) -> float:
+    value = record.get(name)
+    seconds = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):
+            seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ProtocolError(_field_fault(record, name, "a finite number of seconds"))
+    return seconds
+
+
+def _field_fault(record: Mapping[str, Any], name: str, allowed: str) -> str:
+    if name not in record:
+        return f"{record.get('type')!r:.20} record has no field {name!r}"
+    return (
+        f"{record.get('type')!r:.20} record field {name!r} must be {allowed}, "
+        f"got {record[name]!r:.40}"
+    )
+
+
+def _task_row(record: Mapping[str, Any]) -> list[str]:
+    start = _seconds(record, "start_time")
+    end = _seconds(record, "end_time")
+    return [
+        _text(record, "node"),
+        _text(record, "stage"),
+        _text(record, "role"),
+        _text(record, "task_id"),
+        _text(record, "op"),
+        str(_count(record, "batch_size")),
+        repr(start),
+        repr(end),
+        f"{end - start:.6f}",
+        str(_count(record, "bytes_in")),
+        str(_count(record, "bytes_out")),
+        _text(record, "status"),
+        _text(record, "detail"),
+    ]
+
+
+TASK_RECORD = RecordType("task", "tasks.csv", TASK_COLUMNS, _task_row)
+"""One row per finished task, sent by :meth:`MonitorClient.task`."""
+
+RECORD_TYPES: Mapping[str, RecordType] = {TASK_RECORD.name: TASK_RECORD}
+"""Record types a server writes by default, by ``type`` value."""
+
+
+@dataclass
+class MonitorStats:
+    """Counts kept by a :class:`MonitorServer` over its own run.
+
+    Attributes:
+        records_written: Rows written, all files together.
+        malformed: Messages refused (not JSON, not an object, unknown type or
+            version, missing or mistyped fields, more than one frame, too large).
+        dropped_by_clients: Sum of the ``dropped_before`` fields received: records
+            clients dropped because their queue was full.
+    """
+
+    records_written: int = 0
+    malformed: int = 0
+    dropped_by_clients: int = 0
+
+
+class MonitorClient:
+    """Sends task records to the node's monitor without ever waiting for it.
+
+    A PUSH socket connects to the monitor's endpoint. Each record is one
+    non-blocking send; when the queue (``hwm`` records) is full, because the
+    monitor is slow, not started yet or dead, the record is dropped and counted,
+    and the count travels in the next record that gets through as
+    ``dropped_before``. Records sent before the monitor binds wait in the queue.
+    :meth:`close` discards what is still queued unless given a ``linger_s``,
+    so a process that wants its last records kept closes with e.g. ``1.0``.
+
+    A client is safe to share between threads. It must not be carried across
+    ``fork``; create one in each process.
+
+    Args:
+        endpoint: The monitor's ZeroMQ endpoint, usually from
+            :func:`default_endpoint`. ``None`` or ``""`` gives a client that
+            sends nothing, so a stage runs the same without a monitor.
+        node: Name of this node, written in every row.
+        stage: Name of the sending stage (or "source", "broker-1"...).
+        role: What the sender does ("source", "worker", "broker"...).
+        hwm: Most records queued before new ones are dropped (at least 1).
+        context: ZeroMQ context to use. By default the client makes its own
+            and terminates it on :meth:`close`, which is what lets
+            ``close(linger_s)`` wait for queued records to leave.
+
+    Raises:
+        ConfigError: ``hwm`` is below 1, or ZeroMQ refuses the endpoint.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None,
+        *,
+        node: str,
+        stage: str,
+        role: str,
+        hwm: int = 10_000,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        if type(hwm) is not int or hwm < 1:
+            raise ConfigError(
+                f"monitor client hwm must be an integer >= 1, got {hwm!r}"
+            )
+        self.endpoint = endpoint or None
+        self.node = node
+        self.stage = stage
+        self.role = role
+        self.dropped = 0
+        self._unreported = 0
+        self._last_errno: int | None = None
+        self._lock = threading.Lock()
+        self._socket: zmq.Socket[Any] | None = None
+        self._context: zmq.Context[Any] | None = None
+        if self.endpoint is None:
+            return
+
+        if context is None:
+            self._context = context = zmq.Context()
+        socket = context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, hwm)
+        try:
+            socket.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            socket.close(linger=0)
+            if self._context is not None:
+                self._context.term()
+            raise ConfigError(
+                f"monitor endpoint {self.endpoint!r} refused by ZeroMQ ({exc}); "
+                f"expected e.g. 'ipc:///path/monitor.sock'"
+            ) from exc
+        self._socket = socket
+        logger.debug(
+            "node %s stage %s: monitor client connected to %s", node, stage, endpoint
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether records are sent (an endpoint was given and the client is open)."""
+        return self._socket is not None
+
+    def task(
+        self,
+        task_id: object,
+        op: str,
+        batch_size: int,
+        start_time: float,
+        end_time: float,
+        bytes_in: int,
+        bytes_out: int,
+        status: str = "ok",
+        detail: str = "",
+    ) -> bool:
+        """Send one finished task's record; never blocks.
+
+        Args:
+            task_id: The task's id (written with ``str``).
+            op: What was done ("forward", "train", "route"...).
+            batch_size: Samples in the task.
+            start_time: Wall-clock start, Unix seconds (``time.time()``).
+            end_time: Wall-clock end, Unix seconds.
+            bytes_in: Payload bytes received for the task.
+            bytes_out: Payload bytes sent for it.
+            status: "ok", "error"...
+            detail: A short reason when the task failed, else "".
+
+        Returns:
+            True if the record was queued, False if it was dropped or the
+            client sends nothing.
+
+        Raises:
+            ProtocolError: A value cannot be turned into the record's type
+                (a count that is not an integer, a time that is not a number).
+        """
+        if self._socket is None:
+            return False
+        try:
+            record = {
+                "v": RECORD_VERSION,
+                "type": "task",
+                "node": self.node,
+                "stage": self.stage,
+                "role": self.role,
+                "task_id": str(task_id),
+                "op": str(op),
+                "batch_size": int(batch_size),
+                "start_time": float(start_time),
+                "end_time": float(end_time),
+                "bytes_in": int(bytes_in),
+                "bytes_out": int(bytes_out),
+                "status": str(status),
+                "detail": str(detail)[:MAX_TEXT_CHARS],
+            }
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(
+                f"node {self.node} stage {self.stage}: task {task_id!r:.60} record has "
+                f"a value of the wrong type ({exc}); counts must be integers and "
+                f"times numbers of seconds"
+            ) from exc
+        return self._send(record)
+
+    def _send(self, record: dict[str, Any]) -> bool:
+        with self._lock:
+            socket = self._socket
+            if socket is None:
+                return False
+            if self._unreported:
+                record["dropped_before"] = self._unreported
+            try:
+                socket.send(
+                    json.dumps(record, separators=(",", ":")).encode(), zmq.NOBLOCK
+                )
+            except zmq.Again:
+                self._drop()
+                return False
+            except zmq.ZMQError as exc:
+                # Any other failure (context terminated...) must not reach the pipeline.
+                if exc.errno != self._last_errno:
+                    logger.warning(
+                        "node %s stage %s: monitor send to %s failed (%s); "
+                        "record dropped",
+                        self.node,
+                        self.stage,
+                        self.endpoint,
+                        exc,
+                    )
+                self._last_errno = exc.errno
+                self._drop()
+                return False
+            self._unreported = 0
+            return True
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self._unreported += 1
+        if self.dropped == 1:
+            logger.warning(
+                "node %s stage %s: monitor queue at %s full, dropping records "
+                "(counted in the records that follow)",
+                self.node,
+                self.stage,
+                self.endpoint,
+            )
+
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket; later records are not sent.
+
+        Args:
+            linger_s: How long queued records may still take to leave. With the
+                default 0 they are discarded at once; a positive value blocks up
+                to that long when the client owns its context (with a shared
+                context, the wait happens when that context is terminated).
+        """
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close(linger=max(0, round(linger_s * 1000)))
+                self._socket = None
+                if self._context is not None:
+                    self._context.term()
+                    self._context = None
+                if self.dropped:
+                    logger.info(
+                        "node %s stage %s: monitor client closed after dropping "
+                        "%d records",
+                        self.node,
+                        self.stage,
+                        self.dropped,
+                    )
+
+    def __enter__(self) -> MonitorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def default_endpoint(out_dir: Path | str) -> str:
+    """The monitor endpoint for a run's output folder: ``ipc://<out_dir>/monitor.sock``.
+
+    Unix socket paths are limited to about 100 bytes. When the path in the
+    folder is longer, a short path under :func:`tempfile.gettempdir` is used
+    instead, named after a hash of the folder's resolved path, so every process
+    of the node computes the same endpoint from the same folder.
+
+    Args:
+        out_dir: The run's output folder.
+
+    Returns:
+        A ZeroMQ ``ipc://`` endpoint.
+
+    Raises:
+        ConfigError: Even the fallback path is too long (a very long temp dir).
+    """
+    folder = Path(out_dir).resolve()
+    path = str(folder / "monitor.sock")
+    if len(path.encode()) <= _IPC_PATH_MAX:
+        return f"ipc://{path}"
+
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    short = os.path.join(tempfile.gettempdir(), f"sparse-zmq-monitor-{digest}.sock")
+    if len(short.encode()) > _IPC_PATH_MAX:
+        raise ConfigError(
+            f"monitor socket path {short!r} is {len(short.encode())} bytes; ipc paths "
+            f"are limited to {_IPC_PATH_MAX}: set TMPDIR to a shorter folder"
+        )
+    logger.info(
+        "monitor socket path in %s is %d bytes, above %d; using %s instead",
+        folder,
+        len(path.encode()),
+        _IPC_PATH_MAX,
+        short,
+    )
+    return f"ipc://{short}"
+
+
+class _CsvFile:
+    """One append-only CSV file: locked, repaired if a crash cut its last row."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...]) -> None:
+        self.path = path
+        handle = open(path, "a+b")  # noqa: SIM115 - kept open for the server's life
+        try:
+            self._lock(handle)
+            self._repair(handle)
+            self._check_header(handle, columns)
+            # "replace": a lone surrogate sent as a JSON escape must not stop us.
+            text = io.TextIOWrapper(
+                handle, encoding="utf-8", errors="replace", newline=""
+            )
+        except BaseException:
+            handle.close()
+            raise
+        self._text = text
+        self._writer = csv.writer(text, lineterminator="\n")
+        if handle.tell() == 0:
+            self.write(list(columns))
+
+    def _lock(self, handle: io.BufferedRandom) -> None:
+        # The lock dies with its process: a killed monitor never blocks a successor.
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ConfigError(
+                f"{self.path} is locked by another monitor; one monitor per output "
+                f"folder is allowed"
+            ) from exc
+
+    def _repair(self, handle: io.BufferedRandom) -> None:
+        size = handle.seek(0, io.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+
+        # Walk back in blocks to the last newline; everything after it is a cut row.
+        end = size
+        keep = 0
+        while end > 0:
+            start = max(0, end - 64 * 1024)
+            handle.seek(start)
+            block = handle.read(end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        handle.truncate(keep)
+        handle.seek(0, io.SEEK_END)
+        logger.warning(
+            "%s ended in a half-written row (%d bytes); cut back to the last complete "
+            "line at byte %d",
+            self.path,
+            size - keep,
+            keep,
+        )
+
+    def _check_header(
+        self, handle: io.BufferedRandom, columns: tuple[str, ...]
+    ) -> None:
+        end = handle.seek(0, io.SEEK_END)
+        if end == 0:
+            return
+        handle.seek(0)
+        first = handle.readline()
+        handle.seek(0, io.SEEK_END)
+        expected = ",".join(columns)
+        if first.rstrip(b"\r\n") != expected.encode():
+            raise ConfigError(
+                f"{self.path} exists with header {first[:200]!r}; "
+                f"expected {expected!r}. "
+                f"Move the old file away or use another output folder"
+            )
+
+    def write(self, row: list[str]) -> None:
+        self._writer.writerow(row)
+        self._text.flush()
+
+    def close(self) -> None:
+        self._text.close()
+
+
+class MonitorServer:
+    """Receives monitor records on a PULL socket and writes them as CSV rows.
+
+    Args:
+        out_dir: The run's output folder (created if missing).
+        endpoint: Endpoint to bind; :func:`default_endpoint` when ``None``.
+        record_types: The record types to accept and their files.
+        warn_every: A WARNING is logged for the first malformed record and
+            then for every ``warn_every``-th one.
+
+    Raises:
+        ConfigError: Another monitor holds the folder's files or the socket,
+            an existing CSV file has other columns, or the endpoint cannot be
+            bound.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path | str,
+        endpoint: str | None = None,
+        *,
+        record_types: Mapping[str, RecordType] = RECORD_TYPES,
+        warn_every: int = 1000,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.endpoint = endpoint or default_endpoint(self.out_dir)
+        self.stats = MonitorStats()
+        self._types = dict(record_types)
+        self._warn_every = max(1, warn_every)
+        self._files: dict[str, _CsvFile] = {}
+        self._ipc_path: str | None = None
+        self._ipc_inode: int | None = None
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._socket: zmq.Socket[Any] | None = None
+
+        try:
+            for record_type in self._types.values():
+                path = self.out_dir / record_type.file_name
+                self._files[record_type.name] = _CsvFile(path, record_type.columns)
+            self._bind()
+        except BaseException:
+            self.close()
+            raise
+        logger.info("monitor for %s listening on %s", self.out_dir, self.endpoint)
+
+    def _bind(self) -> None:
+        ipc_path = _ipc_file(self.endpoint)
+        if ipc_path is not None and _socket_is_live(ipc_path):
+            raise ConfigError(
+                f"monitor endpoint {self.endpoint!r} is served by a live process; "
+                f"one monitor per endpoint is allowed"
+            )
+        socket = self._context.socket(zmq.PULL)
+        socket.setsockopt(zmq.LINGER, 0)
+        try:
+            socket.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            socket.close(linger=0)
+            raise ConfigError(
+                f"monitor cannot bind {self.endpoint!r} ({exc}); expected a free "
+                f"'ipc://' path or 'tcp://host:port'"
+            ) from exc
+        self._socket = socket
+        if ipc_path is not None:
+            self._ipc_path = ipc_path
+            with contextlib.suppress(OSError):
+                self._ipc_inode = os.stat(ipc_path).st_ino
+
+    def run(self, stop: threading.Event) -> MonitorStats:
+        """Write records until ``stop`` is set, then write ``monitor.json``.
+
+        Polls with a short timeout, so ``stop`` is seen within about 0.1 s.
+        Records already queued when ``stop`` is set are still written (up to
+        10,000). A malformed record is counted and skipped; nothing a client
+        sends ends the loop.
+
+        Args:
+            stop: Set it (from a signal handler or another thread) to stop.
+
+        Returns:
+            The counts, also written to ``monitor.json``.
+        """
+        socket = self._require_socket()
+        try:
+            while not stop.is_set():
+                if socket.poll(_POLL_MS, zmq.POLLIN):
+                    self._drain(socket)
+            self._drain(socket)
+        finally:
+            self._write_summary()
+        logger.info(
+            "monitor for %s stopped: %d records written, %d malformed, "
+            "%d dropped by clients",
+            self.out_dir,
+            self.stats.records_written,
+            self.stats.malformed,
+            self.stats.dropped_by_clients,
+        )
+        return self.stats
+
+    def _require_socket(self) -> zmq.Socket[Any]:
+        if self._socket is None:
+            raise ConfigError(f"monitor for {self.out_dir} is closed; create a new one")
+        return self._socket
+
+    def _drain(self, socket: zmq.Socket[Any]) -> None:
+        for _ in range(_DRAIN_MAX):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(frames)
+
+    def handle(self, frames: list[bytes]) -> bool:
+        """Check one received message and write its row.
+
+        Args:
+            frames: The message's frames as received.
+
+        Returns:
+            True if a row was written, False if the message was malformed.
+        """
+        try:
+            record_type, record = self._parse(frames)
+            row = record_type.to_row(record)
+        except ProtocolError as exc:
+            self._malformed(str(exc))
+            return False
+        except (ValueError, TypeError, RecursionError) as exc:
+            # A record type's check that trips over odd input must not stop us.
+            self._malformed(f"record refused by its check: {exc!r:.200}")
+            return False
+        self._files[record_type.name].write(row)
+        self.stats.records_written += 1
+        return True
+
+    def _parse(self, frames: list[bytes]) -> tuple[RecordType, Mapping[str, Any]]:
+        if len(frames) != 1:
+            raise ProtocolError(f"record must be one frame, got {len(frames)}")
+        raw = frames[0]
+        if len(raw) > MAX_RECORD_BYTES:
+            raise ProtocolError(
+                f"record of {len(raw)} bytes exceeds {MAX_RECORD_BYTES}"
+            )
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers bad UTF-8, bad JSON and integers of over 4300 digits.
+            raise ProtocolError(
+                f"record is not UTF-8 JSON, starts {raw[:24]!r}"
+            ) from exc
+        if not isinstance(record, dict):
+            raise ProtocolError(
+                f"record must be a JSON object, got {type(record).__name__}"
+            )
+
+        # Count reported drops even when the rest of the record is refused.
+        dropped = record.get("dropped_before", 0)
+        if type(dropped) is not int or dropped < 0:
+            raise ProtocolError(
+                f"'dropped_before' must be a non-negative integer, got {dropped!r:.40}"
+            )
+        self.stats.dropped_by_clients += dropped
+
+        if record.get("v") != RECORD_VERSION:
+            raise ProtocolError(
+                f"record version {record.get('v')!r:.20} not supported; "
+                f"expected {RECORD_VERSION}"
+            )
+        kind = record.get("type")
+        record_type = self._types.get(kind) if isinstance(kind, str) else None
+        if record_type is None:
+            raise ProtocolError(
+                f"unknown record type {kind!r:.40}; "
+                f"expected one of {sorted(self._types)}"
+            )
+        return record_type, record
+
+    def _malformed(self, reason: str) -> None:
+        self.stats.malformed += 1
+        count = self.stats.malformed
+        if count == 1 or count % self._warn_every == 0:
+            logger.warning(
+                "monitor for %s refused a record (%d malformed so far, logged once per "
+                "%d): %s",
+                self.out_dir,
+                count,
+                self._warn_every,
+                reason,
+            )
+
+    def _write_summary(self) -> None:
+        path = self.out_dir / SUMMARY_FILE
+        partial = path.with_name(path.name + ".tmp")
+        try:
+            partial.write_text(json.dumps(asdict(self.stats), indent=2) + "\n")
+            os.replace(partial, path)
+        except OSError as exc:
+            logger.warning(
+                "monitor for %s could not write %s: %s", self.out_dir, path, exc
+            )
+
+    def close(self) -> None:
+        """Close the socket and files, and remove the ipc socket file it created."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._ipc_path is not None:
+            # Remove only our own socket file, not one a successor has bound since.
+            with contextlib.suppress(OSError):
+                if os.stat(self._ipc_path).st_ino == self._ipc_inode:
+                    os.unlink(self._ipc_path)
+            self._ipc_path = None
+        for csv_file in self._files.values():
+            csv_file.close()
+        self._files.clear()
+        self._context.term()
+
+    def __enter__(self) -> MonitorServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _ipc_file(endpoint: str) -> str | None:
+    """The filesystem path of an ``ipc://`` endpoint (None for tcp or abstract ones)."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    if not path or path.startswith("@") or path == "*":
+        return None
+    return path
+
+
+def _socket_is_live(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path``."""
+    if not os.path.exists(path):
+        return False
+    probe = std_socket.socket(std_socket.AF_UNIX, std_socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False  # refused: a stale file left by a killed monitor
+    finally:
+        probe.close()
+    return True
+
+
+def serve(out_dir: Path | str, endpoint: str | None = None) -> MonitorStats:
+    """Run a monitor on ``out_dir`` until SIGINT or SIGTERM.
+
+    This is what ``sparse-zmq monitor --out DIR`` runs. It must be called from
+    the main thread (signal handlers can only be installed there); the previous
+    handlers are restored before it returns.
+
+    Args:
+        out_dir: The run's output folder.
+        endpoint: Endpoint to bind; :func:`default_endpoint` when ``None``.
+
+    Returns:
+        The counts written to ``monitor.json``.
+
+    Raises:
+        ConfigError: As :class:`MonitorServer`, or when not called from the
+            main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise ConfigError(
+            f"serve() must run in the main thread to install signal handlers, "
+            f"got thread {threading.current_thread().name!r}"
+        )
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()  # only this: the handler may interrupt a logging call
+
+    previous = {
+        signum: signal.signal(signum, request_stop)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        with MonitorServer(out_dir, endpoint) as server:
+            return server.run(stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
