@@ -1,0 +1,189 @@
+"""Split-learning stages: each keeps one partition and its optimizer in memory.
+
+Forward activations (with the labels) travel down the pipeline; the last
+stage computes the loss, back-propagates, and answers with the gradient of
+its input; every earlier stage back-propagates that gradient through its own
+partition and answers with the gradient of *its* input, down to the source.
+Only activations, gradients and labels cross the network.
+
+Task ``meta`` fields (all optional but ``op``):
+
+========== ===================================================================
+``op``     ``train`` (forward, backward, step) or ``infer`` (forward only,
+           in eval mode)
+``grad``   true when the sender needs the gradient of ``x`` back (it ran an
+           earlier partition itself); false for raw data
+``batch``  id of the mini-batch this micro-batch belongs to
+``micro``  index of this micro-batch in its mini-batch (0-based)
+``micros`` number of micro-batches in the mini-batch; a stage steps its
+           optimizer once it has back-propagated all of them (GPipe-style
+           gradient accumulation), so the result equals one unsplit step
+``scale``  this micro-batch's share of the mini-batch (its size divided by
+           the mini-batch size), applied to the mean loss
+========== ===================================================================
+
+Tensors: ``x`` (input of the partition), ``y`` (int64 labels; required by the
+last stage for ``train``). The last stage answers ``train`` with meta ``loss``
+(mean over the micro-batch) and ``correct``, plus tensor ``grad`` when asked;
+``infer`` is answered with tensor ``logits`` (and ``correct`` when labels came).
+
+Batch norm statistics are taken per micro-batch, as in GPipe: with one
+micro-batch per mini-batch a split run equals the unsplit one exactly; with
+several it matches only for models without batch norm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_zmq.errors import ConfigError
+from sparse_zmq.protocol import Message
+from sparse_zmq.stage import Offload, Result, Stage, StageOutput, Task
+from stages.models import build_model, partition
+
+__all__ = ["Optimizer", "SplitTrainingStage", "build_partition"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """SGD settings shared by every stage of a run."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def build(self, params: Any) -> torch.optim.Optimizer:
+        """Create the optimizer for a partition's parameters."""
+        return torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+
+def build_partition(model: str, split: list[int], index: int, *, seed: int) -> nn.Module:
+    """Build the whole model from ``seed`` and return partition ``index`` of it.
+
+    Every process of a run builds the model from the same seed, so the
+    partitions together hold exactly the parameters of one unsplit model.
+
+    Raises:
+        ConfigError: ``index`` is not a partition of ``split``.
+    """
+    if not 0 <= index <= len(split):
+        raise ConfigError(
+            f"partition index {index} out of range for split {split}: "
+            f"allowed 0..{len(split)}"
+        )
+    return partition(build_model(model, seed=seed), split)[index]
+
+
+class SplitTrainingStage(Stage):
+    """A partition of a split-learning pipeline.
+
+    Args:
+        module: The partition this stage holds.
+        last: True for the stage that computes the loss.
+        optimizer: Optimizer settings.
+        name: Stage name in logs and monitor records.
+    """
+
+    def __init__(
+        self, module: nn.Module, *, last: bool, optimizer: Optimizer = Optimizer(),
+        name: str = "train",
+    ) -> None:
+        self.module = module
+        self.last = last
+        self.name = name
+        self.optimizer = optimizer.build(module.parameters())
+        self.loss_fn = nn.CrossEntropyLoss()
+        self._backwards_done: dict[str, int] = {}
+
+    def process(self, task: Task) -> StageOutput:
+        """Run ``train`` or ``infer`` for one (micro-)batch."""
+        x = task.tensors.get("x")
+        if x is None:
+            raise ConfigError(f"task carries tensors {sorted(task.tensors)}; expected 'x'")
+        if task.op == "infer":
+            return self._infer(task, x)
+        if task.op != "train":
+            raise ConfigError(f"unknown op {task.op!r}; expected 'train' or 'infer'")
+        want_grad = bool(task.meta.get("grad", False))
+        if want_grad:
+            x.requires_grad_(True)
+        self.module.train()
+        if self.last:
+            return self._train_last(task, x, want_grad)
+        return self._train_middle(task, x, want_grad)
+
+    def _labels(self, task: Task) -> torch.Tensor:
+        y = task.tensors.get("y")
+        if y is None or y.dtype != torch.int64 or y.dim() != 1:
+            got = None if y is None else (y.dtype, list(y.shape))
+            raise ConfigError(f"last stage needs int64 labels 'y' of shape [batch], got {got}")
+        return y
+
+    def _train_last(self, task: Task, x: torch.Tensor, want_grad: bool) -> Result:
+        y = self._labels(task)
+        out = self.module(x)
+        if out.shape[0] != y.shape[0]:
+            raise ConfigError(f"{out.shape[0]} predictions for {y.shape[0]} labels")
+        loss = self.loss_fn(out, y)
+        (loss * float(task.meta.get("scale", 1.0))).backward()
+        self._micro_done(task)
+        tensors = {"grad": x.grad} if want_grad else {}
+        correct = int((out.detach().argmax(1) == y).sum())
+        return Result(tensors, {"loss": float(loss.detach()), "correct": correct})
+
+    def _train_middle(
+        self, task: Task, x: torch.Tensor, want_grad: bool
+    ) -> Generator[Offload, Message, Result]:
+        activation = self.module(x)
+        meta = {k: v for k, v in task.meta.items() if k in ("batch", "micro", "micros", "scale")}
+        tensors = {"x": activation.detach(), **({"y": task.tensors["y"]} if "y" in task.tensors else {})}
+        reply = yield Offload("train", tensors, {**meta, "grad": True})
+        grad = reply.tensors.get("grad")
+        if grad is None or grad.shape != activation.shape:
+            got = None if grad is None else list(grad.shape)
+            raise ConfigError(
+                f"next stage answered with gradient of shape {got}, expected {list(activation.shape)}"
+            )
+        activation.backward(grad)
+        self._micro_done(task)
+        tensors = {"grad": x.grad} if want_grad else {}
+        return Result(tensors, {k: reply.meta[k] for k in ("loss", "correct") if k in reply.meta})
+
+    def _micro_done(self, task: Task) -> None:
+        """Count a finished backward; step once the whole mini-batch is in."""
+        micros = int(task.meta.get("micros", 1))
+        batch = str(task.meta.get("batch", task.task_id))
+        done = self._backwards_done.get(batch, 0) + 1
+        if done < micros:
+            self._backwards_done[batch] = done
+            return
+        self._backwards_done.pop(batch, None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _infer(self, task: Task, x: torch.Tensor) -> StageOutput:
+        self.module.eval()
+        with torch.no_grad():
+            out = self.module(x)
+        self.module.train()
+        if self.last:
+            meta: dict[str, Any] = {}
+            if "y" in task.tensors:
+                meta["correct"] = int((out.argmax(1) == task.tensors["y"]).sum())
+            return Result({"logits": out}, meta)
+        return self._forward_infer(task, out)
+
+    def _forward_infer(self, task: Task, out: torch.Tensor) -> Generator[Offload, Message, Result]:
+        tensors = {"x": out, **({"y": task.tensors["y"]} if "y" in task.tensors else {})}
+        reply = yield Offload("infer", tensors, {})
+        return Result(reply.tensors, reply.meta)

@@ -1,0 +1,138 @@
+"""Split-learning training over real sockets equals training in one process."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import zmq
+from torch import nn
+
+from brokers.fog import FogBroker
+from sparse_zmq.errors import ConfigError
+from sparse_zmq.master import Master
+from sparse_zmq.protocol import Kind, Message, pack, split_envelope, unpack
+from sparse_zmq.stage import StageRuntime, Task
+from stages.models import build_model, partition
+from stages.source import TrainingSource
+from stages.training import Optimizer, SplitTrainingStage, build_partition
+from tests.conftest import LOOPBACK, serve_pipeline
+
+TIMEOUT_S = 60.0
+OPT = Optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def _batch(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _unsplit_step(model_name: str, x: torch.Tensor, y: torch.Tensor, steps: int = 1) -> nn.Module:
+    model = build_model(model_name, seed=0)
+    opt = OPT.build(model.parameters())
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model
+
+
+def _assert_same_state(parts: list[nn.Module], reference: nn.Module, split: list[int]) -> None:
+    for part, ref in zip(parts, partition(reference, split)):
+        for (name, got), (_, want) in zip(part.state_dict().items(), ref.state_dict().items()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+
+
+@pytest.mark.parametrize(("split", "on_device"), [([8], False), ([8, 15], False), ([8], True), ([8, 15], True)])
+def test_split_training_steps_give_the_unsplit_parameters(split, on_device) -> None:
+    x, y = _batch()
+    parts = [build_partition("vgg11", split, i, seed=0) for i in range(len(split) + 1)]
+    remote = parts[1:] if on_device else parts
+    stages = [SplitTrainingStage(p, last=i == len(remote) - 1, optimizer=OPT)
+              for i, p in enumerate(remote)]
+    with serve_pipeline(stages) as pipe, Master(pipe.frontend) as master:
+        source = TrainingSource(master, first=parts[0] if on_device else None, optimizer=OPT,
+                                timeout_s=TIMEOUT_S)
+        for step in range(2):
+            loss, _ = source.train_batch(x, y, batch_id=f"b{step}")
+            assert loss > 0
+    _assert_same_state(parts, _unsplit_step("vgg11", x, y, steps=2), split)
+
+
+def test_micro_batched_training_equals_one_unsplit_step_without_batch_norm() -> None:
+    split = [7]
+    x, y = _batch(12)
+    parts = [build_partition("vgg11-nobn", split, i, seed=0) for i in range(2)]
+    stages = [SplitTrainingStage(parts[1], last=True, optimizer=OPT)]
+    with serve_pipeline(stages, slots=4) as pipe, Master(pipe.frontend) as master:
+        source = TrainingSource(master, first=parts[0], optimizer=OPT, micro_batches=4,
+                                timeout_s=TIMEOUT_S)
+        source.train_batch(x, y, batch_id="b0")
+    _assert_same_state(parts, _unsplit_step("vgg11-nobn", x, y), split)
+
+
+class _ReversingLastStage:
+    """The last stage behind a bare ROUTER: holds every micro-batch, answers in reverse."""
+
+    def __init__(self, stage: SplitTrainingStage, ctx: zmq.Context) -> None:
+        self.stage = stage
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(LOOPBACK)
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.order: list[int] = []
+
+    def serve(self, count: int) -> None:
+        held = []
+        for _ in range(count):
+            assert self.sock.poll(int(TIMEOUT_S * 1000)), "micro-batch did not arrive"
+            envelope, body = split_envelope(self.sock.recv_multipart())
+            held.append((envelope, unpack(body)))
+        for envelope, msg in reversed(held):
+            self.order.append(msg.meta["micro"])
+            result = self.stage.process(Task(msg.task_id, msg.meta["op"], msg.tensors, msg.meta))
+            reply = Message(Kind.RESULT, msg.task_id, result.tensors, result.meta)
+            self.sock.send_multipart([*envelope, b"", *pack(reply)])
+
+
+def test_gradients_coming_back_out_of_order_reach_the_right_micro_batch() -> None:
+    split = [7, 14]
+    x, y = _batch(8)
+    parts = [build_partition("vgg11-nobn", split, i, seed=0) for i in range(3)]
+    ctx = zmq.Context()
+    last = _ReversingLastStage(SplitTrainingStage(parts[2], last=True, optimizer=OPT), ctx)
+    broker = FogBroker(LOOPBACK, LOOPBACK, context=ctx)  # between source and middle stage
+    frontend, backend = broker.bind()
+    middle = StageRuntime(SplitTrainingStage(parts[1], last=False, optimizer=OPT, name="mid"),
+                          backend, next_frontend=last.endpoint, context=ctx, slots=4)
+    stop = threading.Event()
+    threads = [threading.Thread(target=t.run, args=(stop,), daemon=True) for t in (broker, middle)]
+    threads.append(threading.Thread(target=last.serve, args=(4,), daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        with Master(frontend, context=ctx) as master:
+            source = TrainingSource(master, first=parts[0], optimizer=OPT, micro_batches=4,
+                                    timeout_s=TIMEOUT_S)
+            source.train_batch(x, y, batch_id="b0")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        middle.close()
+        broker.close()
+        last.sock.close()
+        ctx.term()
+    assert last.order == [3, 2, 1, 0]
+    _assert_same_state(parts, _unsplit_step("vgg11-nobn", x, y), split)
+
+
+def test_last_stage_reports_a_wrong_label_shape_clearly() -> None:
+    stage = SplitTrainingStage(build_partition("vgg11", [8], 1, seed=0), last=True)
+    act = build_partition("vgg11", [8], 0, seed=0)(torch.randn(2, 3, 32, 32)).detach()
+    with pytest.raises(ConfigError, match="labels 'y' of shape"):
+        stage.process(Task("t", "train", {"x": act, "y": torch.zeros(2, 1, dtype=torch.int64)}, {}))
+    result = stage.process(Task("t2", "train", {"x": act, "y": torch.tensor([1, 2])}, {}))
+    assert result.meta["loss"] > 0  # the stage stays usable after a bad task
