@@ -173,7 +173,7 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
         )
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(
             f"header is not UTF-8 JSON ({exc.__class__.__name__}), starts {raw[:16]!r}"
         ) from exc
@@ -181,7 +181,7 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise ProtocolError(f"header must be a JSON object, got {type(obj).__name__}")
 
     version = obj.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError(f"protocol version {version!r:.20} not supported; expected {VERSION}")
     kind = _KINDS.get(obj.get("kind")) if isinstance(obj.get("kind"), str) else None
     if kind is None:
