@@ -403,14 +403,7 @@ class FogBroker:
         """Parse the header frame of ``[header, *tensors]``."""
         if not body:
             raise ProtocolError("message has no header frame after its delimiter")
-        try:
-            return parse_header(body[0], self.config.limits)
-        except RecursionError as exc:
-            # json.loads raises RecursionError on deeply nested arrays, which
-            # parse_header does not translate.
-            raise ProtocolError(
-                f"header of {len(body[0])} bytes nests too deeply to parse"
-            ) from exc
+        return parse_header(body[0], self.config.limits)
 
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
         """Check a message from a master, then queue and dispatch its task."""
