@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--partition", type=int, required=True, help="which partition (0-based)")
     stage.add_argument("--slots", type=int, default=1, help="tasks held at once (default: 1)")
     stage.add_argument("--name", default=None, help="stage name (default: partition-N)")
+    stage.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="folder for this stage's checkpoint; an existing checkpoint of the same "
+        "model, split and partition there is resumed from (default: no checkpoints)",
+    )
+    stage.add_argument(
+        "--checkpoint-every", type=int, default=50,
+        help="optimizer steps between checkpoints; a crash loses the steps since the "
+        "last one (default: %(default)s)",
+    )
     _add_model_options(stage)
     _add_monitor_option(stage)
 
@@ -151,7 +161,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
             f"partition {args.partition} of split {split} is not the last one: "
             "give --next, the frontend of the broker in front of the next stage"
         )
-    stage = SplitTrainingStage(module, last=last, optimizer=_optimizer(args), name=name)
+    checkpoint = None
+    if args.checkpoint is not None:
+        from stages.checkpoint import Checkpointer, PartitionId
+
+        checkpoint = Checkpointer(args.checkpoint, PartitionId(args.model, tuple(split),
+                                  args.partition), every=args.checkpoint_every)
+    stage = SplitTrainingStage(module, last=last, optimizer=_optimizer(args), name=name,
+                               checkpoint=checkpoint)
     stop = stop_on_signals()
     monitor = MonitorClient(args.monitor, node=args.node, stage=name, role="stage")
     runtime = StageRuntime(stage, args.backend, next_frontend=args.next, node=args.node,

@@ -18,7 +18,16 @@ with :class:`~sparse_zmq.errors.ProtocolError`.
 Decoding checks the description (dtype on the allow-list, shape a list of
 non-negative integers, element count within limits) and that the buffer holds
 exactly ``numel * itemsize`` bytes before anything is built. The decoded
-tensor owns a fresh, writable copy of the received bytes.
+tensor is always writable:
+
+* when the buffer is the memory of a received ZeroMQ frame (a
+  :class:`zmq.Frame` or its ``.buffer``), writable and aligned to the dtype's
+  item size, the tensor is built **in place** over that memory, without a
+  copy; the tensor keeps the frame alive, and writing to the tensor writes to
+  the frame (which nothing else reads once it has been received);
+* any other buffer (``bytes``, ``bytearray``, a frame whose memory is
+  read-only or misaligned) is copied into memory the tensor owns, so the
+  caller may reuse or change the buffer afterwards.
 """
 
 from __future__ import annotations
@@ -29,10 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import zmq
 
 from sparse_zmq.errors import ProtocolError
 
-__all__ = ["DTYPES", "describe", "encode_tensor", "decode_tensor", "MAX_DIMS"]
+__all__ = ["DTYPES", "ITEMSIZES", "describe", "encode_tensor", "decode_tensor", "MAX_DIMS"]
 
 # Highest rank accepted from the wire; torch itself allows 64 dimensions.
 MAX_DIMS = 64
@@ -62,6 +72,9 @@ def _dense_dtypes() -> dict[str, torch.dtype]:
 
 DTYPES: dict[str, torch.dtype] = _dense_dtypes()
 """Dtypes allowed on the wire, keyed by their name without ``torch.``."""
+
+ITEMSIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+"""Bytes per element of each dtype in :data:`DTYPES`, by name."""
 
 
 def describe(tensor: torch.Tensor) -> dict[str, Any]:
@@ -108,11 +121,14 @@ def decode_tensor(description: Any, buffer: Any, *, max_bytes: int) -> torch.Ten
 
     Args:
         description: The tensor's entry from the header, as received.
-        buffer: Any buffer-protocol object holding the raw elements.
+        buffer: Any buffer-protocol object holding the raw elements. A
+            received :class:`zmq.Frame`, or its ``.buffer``, is decoded in
+            place when its memory is writable and aligned (see the module
+            docstring); anything else is copied.
         max_bytes: Largest buffer accepted for one tensor.
 
     Returns:
-        A new CPU tensor with its own writable memory.
+        A writable CPU tensor of the described dtype and shape.
 
     Raises:
         ProtocolError: The description is malformed, names an unknown dtype,
@@ -135,8 +151,10 @@ def decode_tensor(description: Any, buffer: Any, *, max_bytes: int) -> torch.Ten
             f"got {shape!r:.80}"
         )
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = ITEMSIZES[name]
     expected = math.prod(shape) * itemsize
+    if isinstance(buffer, zmq.Frame):
+        buffer = buffer.buffer
     view = memoryview(buffer).cast("B")
     if expected > max_bytes:
         raise ProtocolError(
@@ -148,8 +166,19 @@ def decode_tensor(description: Any, buffer: Any, *, max_bytes: int) -> torch.Ten
             f"buffer for tensor of shape {shape} and dtype {name} holds {view.nbytes} "
             f"bytes, expected {expected}"
         )
+    if not expected:
+        return torch.empty(shape, dtype=dtype)
 
-    out = torch.empty(expected, dtype=torch.uint8)
-    if expected:
-        out.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+    raw = np.frombuffer(view, dtype=np.uint8)
+    if _is_frame(buffer) and raw.flags.writeable and raw.ctypes.data % itemsize == 0:
+        # The array keeps the memoryview, and so the frame, alive.
+        out = torch.from_numpy(raw)
+    else:
+        out = torch.empty(expected, dtype=torch.uint8)
+        out.numpy()[:] = raw
     return out.view(dtype).reshape(shape)
+
+
+def _is_frame(buffer: Any) -> bool:
+    """True when ``buffer`` is the memory of a received ZeroMQ frame."""
+    return isinstance(buffer, memoryview) and isinstance(buffer.obj, zmq.Frame)

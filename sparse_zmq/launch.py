@@ -8,7 +8,11 @@ if another process dies, then stops stages, brokers and the monitor with
 SIGTERM (SIGKILL after a bounded wait), and summarises the run.
 
 Each process logs to ``<out>/logs/<name>.log``; the source's log is also
-echoed to this process's stderr so a user watches training progress.
+echoed to this process's stderr so a user watches training progress. Each
+stage checkpoints its partition under ``<out>/checkpoints/<name>/`` (see
+:mod:`stages.checkpoint`), so a stage restarted by hand with the same command
+line resumes; a new run in the same folder starts from the seed again and
+first removes the checkpoints of the previous one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,7 +79,8 @@ class RunSummary:
                          f"{s.get('batches')} mini-batches ({s.get('failed_batches')} failed)")
             lines.append(f"  throughput: {s.get('samples_per_s')} samples/s at the source")
             if s.get("loss_start") is not None:
-                lines.append(f"  loss: {s['loss_start']:.4f} at start -> {s['loss_end']:.4f} at end")
+                lines.append(f"  loss: {s['loss_start']:.4f} at start -> {s['loss_end']:.4f} at end "
+                             "(means over the first and last tenth of the mini-batches)")
             if s.get("test_accuracy") is not None:
                 lines.append(f"  held-out accuracy: {100 * s['test_accuracy']:.1f}% "
                              f"on {s['test_samples']} samples (chance is 10%)")
@@ -198,6 +204,10 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     common = ["--model", model, "--split", split, "--seed", "0", "--threads", str(threads),
               "--monitor", monitor_endpoint]
 
+    checkpoints = out / "checkpoints"
+    if checkpoints.exists():
+        logger.info("removing the checkpoints of an earlier run in %s", checkpoints)
+        shutil.rmtree(checkpoints)
     procs = _Processes(logs)
     summary = RunSummary(name, out, ok=False)
     summary_path = out / "summary.json"
@@ -218,7 +228,8 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
             stage_name = f"stage-{spec['node']}"
             args = ["stage", "--node", spec["node"], "--partition", str(spec["partition"]),
                     "--backend", endpoints[spec["broker"]]["backend"],
-                    "--slots", str(micro), *common]
+                    "--slots", str(micro), "--checkpoint", str(checkpoints / stage_name),
+                    *common]
             if spec.get("next"):
                 args += ["--next", endpoints[spec["next"]]["frontend"]]
             procs.start(stage_name, args)

@@ -7,30 +7,45 @@ monitor: a client sends without blocking and drops the record when its queue is
 full, so a slow, absent or dead monitor costs the pipeline nothing but the lost
 records, which are counted.
 
+Besides the records, the monitor samples the node itself at a fixed interval
+(:data:`DEFAULT_SAMPLE_INTERVAL_S`), in a thread of its own: GPUs through NVML,
+the machine's and the registered processes' CPU and memory, and the network
+interfaces' byte counters (see :mod:`sparse_zmq.sampling` for the columns and
+how wrapped or reset counters and unsupported NVML queries are handled).
+
 Wire format. One record is one ZeroMQ message of exactly one frame, holding a
 UTF-8 JSON object::
 
     field             type   meaning
     ----------------  -----  -----------------------------------------------
     v                 int    record format version, :data:`RECORD_VERSION`
-    type              str    record type; routes the record to its CSV file
+    type              str    record type: "hello", or one that routes the
+                             record to its CSV file ("task")
     dropped_before    int    optional: records this client dropped since its
                              last record that got through (added to
                              ``dropped_by_clients``)
     ...                      the fields of the record type (see below)
 
 A ``task`` record carries every column of :data:`TASK_COLUMNS` except
-``duration_s``, which the server derives as ``end_time - start_time``. Unknown
-extra fields are ignored, so a newer client can talk to an older monitor.
+``duration_s``, which the server derives as ``end_time - start_time``, and
+optionally ``pid``, the sender's process id, which registers the sender for
+host sampling. A ``hello`` record (``pid``, ``node``, ``stage``, ``role``)
+writes no row: it registers a process, and is what a client sends when it
+connects and what a launcher sends for processes without a client of their
+own (brokers). Unknown extra fields are ignored, so a newer client can talk to
+an older monitor.
 
-Files. Each record type has one CSV file in the run's output folder; this
-version knows only ``task`` (``tasks.csv``), and :data:`RECORD_TYPES` is where
-later types (host, net and GPU sampling) add their own file and columns. A row
-is written and flushed as soon as its record arrives, so a crash leaves a file
-that parses. Text fields have line breaks replaced by spaces, so one row is
-always one line; a restarted monitor uses that to cut a half-written last row
-off before it appends. On a clean stop the monitor writes ``monitor.json`` with
-its counts (records written, malformed, dropped by clients) for that run.
+Files. Each record type has one CSV file in the run's output folder
+(``task``: ``tasks.csv``); the sampler writes ``gpu.csv``, ``host.csv`` and
+``net.csv``. A row is written and flushed as soon as it exists, so a crash
+leaves files that parse. Text fields have line breaks replaced by spaces, so
+one row is always one line; a restarted monitor uses that to cut a
+half-written last row off before it appends, in every CSV file. ``run.json``
+describes the run (suite, configuration, versions, host, start and end, the
+registered processes, what this machine could not measure, GPU energy over the
+run); it is rewritten atomically when something in it changes and kept across
+restarts. On a clean stop the monitor also writes ``monitor.json`` with its
+counts (records written, malformed, dropped by clients) for that session.
 
 Example, in a stage::
 
@@ -55,19 +70,38 @@ import signal
 import socket as std_socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType, ModuleType, TracebackType
 from typing import Any
 
 import zmq
 
 from sparse_zmq.errors import ConfigError, ProtocolError
+from sparse_zmq.sampling import (
+    GPU_COLUMNS,
+    HOST_COLUMNS,
+    NET_COLUMNS,
+    GpuSampler,
+    HostSampler,
+    MissingMetrics,
+    NetSampler,
+    ProcessRegistry,
+    describe_host,
+    package_versions,
+    processes_from_json,
+)
 
 __all__ = [
+    "DEFAULT_SAMPLE_INTERVAL_S",
+    "HELLO_RECORD",
     "RECORD_TYPES",
     "RECORD_VERSION",
+    "RUN_FILE",
+    "SAMPLE_FILES",
     "TASK_COLUMNS",
     "TASK_RECORD",
     "MonitorClient",
@@ -109,6 +143,22 @@ MAX_RECORD_BYTES = 64 * 1024
 
 SUMMARY_FILE = "monitor.json"
 """File in the output folder that receives the counts on a clean stop."""
+
+RUN_FILE = "run.json"
+"""File in the output folder that describes the run (see :class:`MonitorServer`)."""
+
+DEFAULT_SAMPLE_INTERVAL_S = 0.25
+"""Seconds between two samples of GPUs, host and network: four per second, so
+a mini-batch of a second or more spans several samples. NVML's power reading
+is itself averaged over about a second on recent GPUs, so sampling much faster
+adds rows, not information."""
+
+SAMPLE_FILES: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "gpu": ("gpu.csv", GPU_COLUMNS),
+    "host": ("host.csv", HOST_COLUMNS),
+    "net": ("net.csv", NET_COLUMNS),
+}
+"""The sampler's CSV files and their columns, by sampler name."""
 
 _IPC_PATH_MAX = 100
 """Longest ipc socket path used as is. ``sockaddr_un.sun_path`` holds 108 bytes
@@ -200,6 +250,26 @@ def _task_row(record: Mapping[str, Any]) -> list[str]:
 TASK_RECORD = RecordType("task", "tasks.csv", TASK_COLUMNS, _task_row)
 """One row per finished task, sent by :meth:`MonitorClient.task`."""
 
+
+def _pid(record: Mapping[str, Any]) -> int:
+    value = record.get("pid")
+    if type(value) is not int or value <= 0:
+        raise ProtocolError(_field_fault(record, "pid", "a positive integer"))
+    return value
+
+
+def _hello_row(record: Mapping[str, Any]) -> list[str]:
+    return [
+        str(_pid(record)),
+        _text(record, "node"),
+        _text(record, "stage"),
+        _text(record, "role"),
+    ]
+
+
+HELLO_RECORD = RecordType("hello", "", ("pid", "node", "stage", "role"), _hello_row)
+"""Registers a process for host sampling; always accepted, writes no file."""
+
 RECORD_TYPES: Mapping[str, RecordType] = {TASK_RECORD.name: TASK_RECORD}
 """Record types a server writes by default, by ``type`` value."""
 
@@ -229,6 +299,9 @@ class MonitorClient:
     monitor is slow, not started yet or dead, the record is dropped and counted,
     and the count travels in the next record that gets through as
     ``dropped_before``. Records sent before the monitor binds wait in the queue.
+    On connecting, the client sends a ``hello`` record naming its process, so
+    the monitor samples that process's CPU and memory; every task record also
+    carries the pid.
     :meth:`close` discards what is still queued unless given a ``linger_s``,
     so a process that wants its last records kept closes with e.g. ``1.0``.
 
@@ -269,6 +342,7 @@ class MonitorClient:
         self.node = node
         self.stage = stage
         self.role = role
+        self.pid = os.getpid()
         self.dropped = 0
         self._unreported = 0
         self._last_errno: int | None = None
@@ -297,6 +371,7 @@ class MonitorClient:
         logger.debug(
             "node %s stage %s: monitor client connected to %s", node, stage, endpoint
         )
+        self.register(self.pid)
 
     @property
     def enabled(self) -> bool:
@@ -342,6 +417,7 @@ class MonitorClient:
             record = {
                 "v": RECORD_VERSION,
                 "type": "task",
+                "pid": self.pid,
                 "node": self.node,
                 "stage": self.stage,
                 "role": self.role,
@@ -362,6 +438,47 @@ class MonitorClient:
                 f"times numbers of seconds"
             ) from exc
         return self._send(record)
+
+    def register(
+        self,
+        pid: int,
+        *,
+        node: str | None = None,
+        stage: str | None = None,
+        role: str | None = None,
+    ) -> bool:
+        """Ask the monitor to sample a process's CPU and memory; never blocks.
+
+        A client registers its own process when it connects; a launcher calls
+        this for the processes it starts that hold no client (brokers).
+
+        Args:
+            pid: The process id.
+            node: Its node name (default: this client's).
+            stage: Its name in ``host.csv`` (default: this client's stage).
+            role: What it does (default: this client's role).
+
+        Returns:
+            True if the record was queued, False if it was dropped or the
+            client sends nothing.
+
+        Raises:
+            ProtocolError: ``pid`` is not a positive integer.
+        """
+        if type(pid) is not int or pid <= 0:
+            raise ProtocolError(f"pid must be a positive integer, got {pid!r:.40}")
+        if self._socket is None:
+            return False
+        return self._send(
+            {
+                "v": RECORD_VERSION,
+                "type": HELLO_RECORD.name,
+                "pid": pid,
+                "node": self.node if node is None else str(node),
+                "stage": self.stage if stage is None else str(stage),
+                "role": self.role if role is None else str(role),
+            }
+        )
 
     def _send(self, record: dict[str, Any]) -> bool:
         with self._lock:
@@ -569,8 +686,197 @@ class _CsvFile:
         self._text.close()
 
 
+class _RunFile:
+    """``run.json``: what the run was, written atomically whenever it changes.
+
+    A monitor restarted on the same folder keeps the first session's start
+    time, suite and configuration (unless given new ones), appends a session,
+    and takes back the processes registered before that are still alive.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        node: str,
+        interval_s: float,
+        run_info: Mapping[str, Any] | None,
+        missing: MissingMetrics,
+        registry: ProcessRegistry,
+    ) -> None:
+        self.path = path
+        self.missing = missing
+        self.registry = registry
+        self.gpu: GpuSampler | None = None
+        self._lock = threading.Lock()
+        self._seen = (-1, -1)
+        previous = self._read_previous()
+        for info in processes_from_json(previous.get("processes") or []):
+            registry.restore(info)
+
+        now = time.time()
+        info = dict(run_info or {})
+        suite = info.pop("suite", previous.get("suite"))
+        if "configuration" in info:
+            configuration = info.pop("configuration")
+        elif info:
+            configuration = info
+        else:
+            configuration = previous.get("configuration", {})
+        start = previous.get("start_time")
+        if not isinstance(start, (int, float)):
+            start = now
+        sessions = [s for s in previous.get("monitor_sessions") or [] if isinstance(s, dict)]
+        sessions.append({"pid": os.getpid(), "start_time": now, "end_time": None})
+        earlier_missing = [
+            m for m in previous.get("missing") or [] if isinstance(m, dict)
+        ]
+        self.data: dict[str, Any] = {
+            "suite": suite,
+            "configuration": configuration,
+            "node": node,
+            "versions": package_versions(),
+            "host": describe_host(),
+            "sample_interval_s": interval_s,
+            "start_time": start,
+            "start_utc": _utc(start),
+            "end_time": None,
+            "end_utc": None,
+            "monitor_sessions": sessions,
+            "missing": earlier_missing,
+            "gpu_energy": previous.get("gpu_energy") or {},
+            "processes": [],
+        }
+
+    def _read_previous(self) -> dict[str, Any]:
+        try:
+            previous = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            logger.warning("%s unreadable (%s); starting a new one", self.path, exc)
+            return {}
+        return previous if isinstance(previous, dict) else {}
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Rewrite the file if missing metrics or registered processes changed."""
+        seen = (self.missing.changes, self.registry.changes)
+        if not force and seen == self._seen:
+            return
+        self._seen = seen
+        self.write()
+
+    def write(self, *, end_time: float | None = None) -> None:
+        """Write the file atomically; ``end_time`` marks a clean stop."""
+        with self._lock:
+            data = self.data
+            missing = {(m.get("metric"), m.get("where")): m for m in data["missing"]}
+            for item in self.missing.as_list():
+                missing[(item["metric"], item["where"])] = item
+            data["missing"] = list(missing.values())
+            data["processes"] = [
+                asdict(info) for info in self.registry.snapshot()
+            ]
+            if self.gpu is not None:
+                data["host"]["gpus"] = self.gpu.describe()
+                data["versions"]["nvml-driver"] = self.gpu.driver_version
+                data["gpu_energy"].update(self.gpu.energy())
+            if end_time is not None:
+                data["end_time"] = end_time
+                data["end_utc"] = _utc(end_time)
+                data["monitor_sessions"][-1]["end_time"] = end_time
+            partial = self.path.with_name(self.path.name + ".tmp")
+            try:
+                partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+                os.replace(partial, self.path)
+            except OSError as exc:
+                logger.warning("could not write %s: %s", self.path, exc)
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _Sampling:
+    """The sampler thread's state: the three samplers and their CSV files."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        node: str,
+        interval_s: float,
+        registry: ProcessRegistry,
+        missing: MissingMetrics,
+        nvml: ModuleType | None,
+    ) -> None:
+        self.node = node
+        self.interval_s = interval_s
+        self.samples = 0
+        self._failures: set[str] = set()
+        self.files: dict[str, _CsvFile] = {}
+        self.gpu: GpuSampler | None = None
+        try:
+            for name, (file_name, columns) in SAMPLE_FILES.items():
+                self.files[name] = _CsvFile(out_dir / file_name, columns)
+            self.gpu = GpuSampler(node, missing, nvml)
+        except BaseException:
+            self.close()
+            raise
+        self.samplers: dict[str, GpuSampler | HostSampler | NetSampler] = {
+            "gpu": self.gpu,
+            "host": HostSampler(node, registry, missing),
+            "net": NetSampler(node),
+        }
+
+    def sample_once(self) -> None:
+        """Take one sample of everything and write the rows."""
+        now = time.time()
+        for name, sampler in self.samplers.items():
+            try:
+                rows = sampler.sample(now)
+                for row in rows:
+                    self.files[name].write(row)
+            except Exception as exc:  # noqa: BLE001 - sampling must never stop the monitor
+                kind = f"{name}:{type(exc).__name__}"
+                if kind not in self._failures:
+                    self._failures.add(kind)
+                    logger.warning(
+                        "node %s: %s sample failed (%r); skipped, logged once per "
+                        "kind of failure",
+                        self.node,
+                        name,
+                        exc,
+                    )
+        self.samples += 1
+
+    def run(self, stop: threading.Event, on_tick: Callable[[], None]) -> None:
+        """Sample every ``interval_s`` until ``stop`` is set (late ticks are skipped)."""
+        due = time.monotonic()
+        while not stop.is_set():
+            self.sample_once()
+            on_tick()
+            due += self.interval_s
+            now = time.monotonic()
+            if due < now:
+                due = now + self.interval_s  # fell behind: skip, do not burst
+            stop.wait(due - now)
+
+    def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.close()
+        for csv_file in self.files.values():
+            csv_file.close()
+        self.files.clear()
+
+
 class MonitorServer:
-    """Receives monitor records on a PULL socket and writes them as CSV rows.
+    """Receives monitor records on a PULL socket, samples the node, writes CSVs.
+
+    The records are written by the thread that calls :meth:`run`; the samples
+    by a second thread that :meth:`run` starts, each thread to its own files.
+    ``run.json`` is written when the server starts, whenever the list of
+    missing metrics or registered processes changes, and on a clean stop
+    (with the end time and the GPU energy over the run).
 
     Args:
         out_dir: The run's output folder (created if missing).
@@ -578,11 +884,18 @@ class MonitorServer:
         record_types: The record types to accept and their files.
         warn_every: A WARNING is logged for the first malformed record and
             then for every ``warn_every``-th one.
+        node: Name of this node in the sampled rows (default: the host name).
+        sample_interval_s: Seconds between samples; 0 turns sampling off
+            (no ``gpu.csv``, ``host.csv``, ``net.csv``).
+        run_info: What the launcher knows of the run, copied into
+            ``run.json``: ``suite`` and ``configuration`` (any other keys
+            become the configuration).
+        nvml: The NVML binding for GPU sampling; None imports ``pynvml``.
 
     Raises:
         ConfigError: Another monitor holds the folder's files or the socket,
-            an existing CSV file has other columns, or the endpoint cannot be
-            bound.
+            an existing CSV file has other columns, the endpoint cannot be
+            bound, or ``sample_interval_s`` is negative or not finite.
     """
 
     def __init__(
@@ -592,14 +905,33 @@ class MonitorServer:
         *,
         record_types: Mapping[str, RecordType] = RECORD_TYPES,
         warn_every: int = 1000,
+        node: str | None = None,
+        sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S,
+        run_info: Mapping[str, Any] | None = None,
+        nvml: ModuleType | None = None,
     ) -> None:
+        if (
+            isinstance(sample_interval_s, bool)
+            or not isinstance(sample_interval_s, (int, float))
+            or not math.isfinite(sample_interval_s)
+            or sample_interval_s < 0
+        ):
+            raise ConfigError(
+                f"sample interval must be a finite number of seconds >= 0 "
+                f"(0: no sampling), got {sample_interval_s!r}"
+            )
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.endpoint = endpoint or default_endpoint(self.out_dir)
+        self.node = node or std_socket.gethostname()
         self.stats = MonitorStats()
+        self.registry = ProcessRegistry()
+        self.missing = MissingMetrics(self.node)
         self._types = dict(record_types)
         self._warn_every = max(1, warn_every)
         self._files: dict[str, _CsvFile] = {}
+        self._sampling: _Sampling | None = None
+        self._run_file: _RunFile | None = None
         self._ipc_path: str | None = None
         self._ipc_inode: int | None = None
         self._context: zmq.Context[Any] = zmq.Context()
@@ -609,11 +941,36 @@ class MonitorServer:
             for record_type in self._types.values():
                 path = self.out_dir / record_type.file_name
                 self._files[record_type.name] = _CsvFile(path, record_type.columns)
+            self._run_file = _RunFile(
+                self.out_dir / RUN_FILE,
+                node=self.node,
+                interval_s=float(sample_interval_s),
+                run_info=run_info,
+                missing=self.missing,
+                registry=self.registry,
+            )
+            if sample_interval_s > 0:
+                self._sampling = _Sampling(
+                    self.out_dir,
+                    self.node,
+                    float(sample_interval_s),
+                    self.registry,
+                    self.missing,
+                    nvml,
+                )
+                self._run_file.gpu = self._sampling.gpu
             self._bind()
         except BaseException:
             self.close()
             raise
-        logger.info("monitor for %s listening on %s", self.out_dir, self.endpoint)
+        self.registry.register(os.getpid(), self.node, "monitor", "monitor")
+        self._run_file.refresh(force=True)
+        logger.info(
+            "monitor for %s listening on %s, sampling every %s",
+            self.out_dir,
+            self.endpoint,
+            f"{sample_interval_s} s" if sample_interval_s else "never",
+        )
 
     def _bind(self) -> None:
         ipc_path = _ipc_file(self.endpoint)
@@ -639,9 +996,11 @@ class MonitorServer:
                 self._ipc_inode = os.stat(ipc_path).st_ino
 
     def run(self, stop: threading.Event) -> MonitorStats:
-        """Write records until ``stop`` is set, then write ``monitor.json``.
+        """Write records and samples until ``stop`` is set, then the summaries.
 
-        Polls with a short timeout, so ``stop`` is seen within about 0.1 s.
+        Polls with a short timeout, so ``stop`` is seen within about 0.1 s;
+        the sampler thread sees it at once. On return ``monitor.json`` holds
+        the counts and ``run.json`` the end time.
         Records already queued when ``stop`` is set are still written (up to
         10,000). A malformed record is counted and skipped; nothing a client
         sends ends the loop.
@@ -653,13 +1012,30 @@ class MonitorServer:
             The counts, also written to ``monitor.json``.
         """
         socket = self._require_socket()
+        run_file = self._run_file
+        assert run_file is not None  # set whenever the socket is
+        sampler = None
+        if self._sampling is not None:
+            sampler = threading.Thread(
+                target=self._sampling.run,
+                args=(stop, run_file.refresh),
+                name="monitor-sampler",
+                daemon=True,
+            )
+            sampler.start()
         try:
             while not stop.is_set():
                 if socket.poll(_POLL_MS, zmq.POLLIN):
                     self._drain(socket)
+                if sampler is None:
+                    run_file.refresh()
             self._drain(socket)
         finally:
+            stop.set()
+            if sampler is not None:
+                sampler.join()
             self._write_summary()
+            run_file.write(end_time=time.time())
         logger.info(
             "monitor for %s stopped: %d records written, %d malformed, "
             "%d dropped by clients",
@@ -684,13 +1060,14 @@ class MonitorServer:
             self.handle(frames)
 
     def handle(self, frames: list[bytes]) -> bool:
-        """Check one received message and write its row.
+        """Check one received message and write its row or register its process.
 
         Args:
             frames: The message's frames as received.
 
         Returns:
-            True if a row was written, False if the message was malformed.
+            True if the record was accepted (a row written, or a process
+            registered), False if the message was malformed.
         """
         try:
             record_type, record = self._parse(frames)
@@ -702,9 +1079,27 @@ class MonitorServer:
             # A record type's check that trips over odd input must not stop us.
             self._malformed(f"record refused by its check: {exc!r:.200}")
             return False
+        if record_type is HELLO_RECORD:
+            pid, node, stage, role = row
+            if self.registry.register(int(pid), node, stage, role):
+                logger.info(
+                    "monitor for %s: sampling process %s (%s/%s, %s)",
+                    self.out_dir, pid, node, stage, role,
+                )
+            return True
         self._files[record_type.name].write(row)
         self.stats.records_written += 1
+        self._register_sender(record)
         return True
+
+    def _register_sender(self, record: Mapping[str, Any]) -> None:
+        # A record's pid lets a restarted monitor sample senders it never greeted.
+        pid = record.get("pid")
+        if type(pid) is not int or pid <= 0 or self.registry.known(pid):
+            return
+        names = [record.get(key) for key in ("node", "stage", "role")]
+        if all(isinstance(name, str) for name in names):
+            self.registry.register(pid, *(str(n)[:MAX_TEXT_CHARS] for n in names))
 
     def _parse(self, frames: list[bytes]) -> tuple[RecordType, Mapping[str, Any]]:
         if len(frames) != 1:
@@ -741,10 +1136,12 @@ class MonitorServer:
             )
         kind = record.get("type")
         record_type = self._types.get(kind) if isinstance(kind, str) else None
+        if record_type is None and kind == HELLO_RECORD.name:
+            record_type = HELLO_RECORD
         if record_type is None:
             raise ProtocolError(
                 f"unknown record type {kind!r:.40}; "
-                f"expected one of {sorted(self._types)}"
+                f"expected one of {sorted([*self._types, HELLO_RECORD.name])}"
             )
         return record_type, record
 
@@ -786,6 +1183,9 @@ class MonitorServer:
         for csv_file in self._files.values():
             csv_file.close()
         self._files.clear()
+        if self._sampling is not None:
+            self._sampling.close()
+            self._sampling = None
         self._context.term()
 
     def __enter__(self) -> MonitorServer:
@@ -825,7 +1225,15 @@ def _socket_is_live(path: str) -> bool:
     return True
 
 
-def serve(out_dir: Path | str, endpoint: str | None = None) -> MonitorStats:
+def serve(
+    out_dir: Path | str,
+    endpoint: str | None = None,
+    *,
+    node: str | None = None,
+    sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S,
+    run_info: Mapping[str, Any] | None = None,
+    nvml: ModuleType | None = None,
+) -> MonitorStats:
     """Run a monitor on ``out_dir`` until SIGINT or SIGTERM.
 
     This is what ``sparse-zmq monitor --out DIR`` runs. It must be called from
@@ -835,6 +1243,10 @@ def serve(out_dir: Path | str, endpoint: str | None = None) -> MonitorStats:
     Args:
         out_dir: The run's output folder.
         endpoint: Endpoint to bind; :func:`default_endpoint` when ``None``.
+        node: Name of this node in the sampled rows (default: the host name).
+        sample_interval_s: Seconds between samples; 0 turns sampling off.
+        run_info: Suite and configuration to record in ``run.json``.
+        nvml: The NVML binding; None imports ``pynvml``.
 
     Returns:
         The counts written to ``monitor.json``.
@@ -858,7 +1270,14 @@ def serve(out_dir: Path | str, endpoint: str | None = None) -> MonitorStats:
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        with MonitorServer(out_dir, endpoint) as server:
+        with MonitorServer(
+            out_dir,
+            endpoint,
+            node=node,
+            sample_interval_s=sample_interval_s,
+            run_info=run_info,
+            nvml=nvml,
+        ) as server:
             return server.run(stop)
     finally:
         for signum, handler in previous.items():

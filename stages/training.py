@@ -30,6 +30,38 @@ last stage for ``train``). The last stage answers ``train`` with meta ``loss``
 Batch norm statistics are taken per micro-batch, as in GPipe: with one
 micro-batch per mini-batch a split run equals the unsplit one exactly; with
 several it matches only for models without batch norm.
+
+Checkpoints and what a crash loses
+----------------------------------
+
+Given a :class:`~stages.checkpoint.Checkpointer`, a stage counts its
+optimizer steps and saves its partition (parameters, buffers, optimizer
+state, step count, and the model, split and partition index) every N steps,
+atomically; started again with the same folder it resumes from that
+checkpoint. A stage killed at any moment loses:
+
+* the optimizer steps taken since its last checkpoint (at most N - 1), and
+  the gradients of a mini-batch it was part-way through;
+* the task it was holding: its reply never comes, so the broker sends the
+  task again or the master sees it fail or time out (see :mod:`brokers.fog`
+  and :mod:`sparse_zmq.master`).
+
+What carries on regardless:
+
+* the source's record of losses (it lives in the source, which keeps
+  counting mini-batches, so its loss curve continues across the restart with
+  a step back of up to N - 1 updates);
+* the other partitions, which keep their own parameters and step counts. After
+  one stage resumes, the partitions' step counts differ by the steps it lost:
+  the restarted partition is older than its neighbours, which were updated
+  against its lost parameters. Training carries on from that mixed state; it
+  is no longer exactly equal to an unsplit run. Restarting every stage from
+  checkpoints taken at the same step avoids that only if all of them were
+  stopped between the same two mini-batches.
+
+Delivery to workers is at least once, so a mini-batch sent again after a
+crash may step a partition that had already stepped on it (for example the
+last stage, when an earlier stage died before its own step).
 """
 
 from __future__ import annotations
@@ -45,6 +77,7 @@ from torch import nn
 from sparse_zmq.errors import ConfigError
 from sparse_zmq.protocol import Message
 from sparse_zmq.stage import Offload, Result, Stage, StageOutput, Task
+from stages.checkpoint import Checkpointer
 from stages.models import build_model, partition
 
 __all__ = ["Optimizer", "SplitTrainingStage", "build_partition"]
@@ -92,17 +125,29 @@ class SplitTrainingStage(Stage):
         last: True for the stage that computes the loss.
         optimizer: Optimizer settings.
         name: Stage name in logs and monitor records.
+        checkpoint: Saves the partition every N optimizer steps; when its
+            folder already holds a checkpoint of this partition, the stage
+            resumes from it here.
+
+    Attributes:
+        steps: Optimizer steps taken, counting those restored from a checkpoint.
+
+    Raises:
+        ConfigError: The checkpoint folder holds a checkpoint of another
+            partition, or one that cannot be read safely.
     """
 
     def __init__(
         self, module: nn.Module, *, last: bool, optimizer: Optimizer = Optimizer(),
-        name: str = "train",
+        name: str = "train", checkpoint: Checkpointer | None = None,
     ) -> None:
         self.module = module
         self.last = last
         self.name = name
         self.optimizer = optimizer.build(module.parameters())
         self.loss_fn = nn.CrossEntropyLoss()
+        self.checkpoint = checkpoint
+        self.steps = checkpoint.restore(module, self.optimizer) if checkpoint else 0
         self._backwards_done: dict[str, int] = {}
 
     def process(self, task: Task) -> StageOutput:
@@ -170,6 +215,9 @@ class SplitTrainingStage(Stage):
         self._backwards_done.pop(batch, None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.checkpoint is not None:
+            self.checkpoint.after_step(self.steps, self.module, self.optimizer)
 
     def _infer(self, task: Task, x: torch.Tensor) -> StageOutput:
         self.module.eval()
