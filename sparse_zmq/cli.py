@@ -6,7 +6,8 @@
     sparse-zmq stage   --backend tcp://127.0.0.1:5556 --partition 0 --split 8 \\
                        [--next tcp://127.0.0.1:5557]
     sparse-zmq source  --frontend tcp://127.0.0.1:5555 --split 8 [--on-device]
-    sparse-zmq monitor --out runs/demo
+    sparse-zmq monitor --out runs/demo [--interval 0.25] [--run-info @info.json]
+    sparse-zmq report  runs/demo
     sparse-zmq run hybrid-off-device --out runs/demo
 
 Every long-running role stops cleanly on SIGINT or SIGTERM.
@@ -21,8 +22,9 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from sparse_zmq.errors import SparseError
+from sparse_zmq.errors import ConfigError, SparseError
 from sparse_zmq.lifecycle import atomic_write_text, configure_logging, stop_on_signals
 
 __all__ = ["main", "build_parser"]
@@ -110,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = sub.add_parser("monitor", help="collect this node's records into CSVs")
     monitor.add_argument("--out", type=Path, required=True, help="run folder for the CSVs")
     monitor.add_argument("--endpoint", default=None, help="ipc endpoint (default: in --out)")
+    monitor.add_argument(
+        "--interval", type=float, default=None,
+        help="seconds between GPU, host and network samples; 0: no sampling "
+        "(default: 0.25)",
+    )
+    monitor.add_argument("--node", default=None, help="node name in the sampled rows (default: host name)")
+    monitor.add_argument(
+        "--run-info", default=None,
+        help="suite and configuration to record in run.json: a JSON object, or @FILE holding one",
+    )
+
+    report = sub.add_parser("report", help="summarise a run folder: throughput, latency, energy")
+    report.add_argument("folder", type=Path, help="the run folder (--out of run or monitor)")
 
     run = sub.add_parser("run", help="run a whole suite on this machine")
     run.add_argument("suite", help="cloudlet, hybrid-on-device or hybrid-off-device")
@@ -218,7 +233,36 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     from sparse_zmq.monitor import default_endpoint, serve
 
     args.out.mkdir(parents=True, exist_ok=True)
-    serve(args.out, args.endpoint or default_endpoint(args.out))
+    options: dict[str, Any] = {"node": args.node, "run_info": _run_info(args.run_info)}
+    if args.interval is not None:
+        options["sample_interval_s"] = args.interval
+    serve(args.out, args.endpoint or default_endpoint(args.out), **options)
+    return 0
+
+
+def _run_info(value: str | None) -> dict[str, Any] | None:
+    """The ``--run-info`` value: inline JSON, or ``@FILE`` naming a JSON file."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--run-info file {value[1:]!r} unreadable: {exc}") from exc
+    try:
+        info = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--run-info is not JSON ({exc}): {text[:80]!r}") from exc
+    if not isinstance(info, dict):
+        raise ConfigError(f"--run-info must be a JSON object, got {type(info).__name__}")
+    return info
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sparse_zmq.report import render_report
+
+    sys.stdout.write(render_report(args.folder) + "\n")
     return 0
 
 
@@ -240,6 +284,7 @@ COMMANDS = {
     "stage": _cmd_stage,
     "source": _cmd_source,
     "monitor": _cmd_monitor,
+    "report": _cmd_report,
     "run": _cmd_run,
 }
 

@@ -86,7 +86,7 @@ class RunSummary:
                              f"on {s['test_samples']} samples (chance is 10%)")
         for stage, rows in sorted(self.rows_per_stage.items()):
             lines.append(f"  tasks.csv: {rows} rows from {stage}")
-        lines.append(f"  CSVs and logs in {self.out}")
+        lines.append(f"  CSVs and logs in {self.out}; figures per stage: sparse-zmq report {self.out}")
         return "\n".join(lines)
 
 
@@ -193,7 +193,7 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    from sparse_zmq.monitor import default_endpoint
+    from sparse_zmq.monitor import MonitorClient, default_endpoint
 
     monitor_endpoint = default_endpoint(out)
     # With one mini-batch in flight the stages take turns, so each may use every
@@ -212,8 +212,18 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     summary = RunSummary(name, out, ok=False)
     summary_path = out / "summary.json"
     summary_path.unlink(missing_ok=True)
+    # The monitor is the one writer of run.json; it gets the run's description here.
+    run_info = {"suite": name, "configuration": {
+        "model": model, "split": split, "batches": batches, "batch_size": batch_size,
+        "micro_batches": micro, "data": options.data or "bundled digits", "seed": 0,
+        "threads_per_process": threads, "topology": {
+            key: suite[key] for key in ("description", "source", "brokers", "stages")
+            if key in suite}}}
+    # Brokers hold no monitor client: the launcher registers them for host sampling.
+    launcher = MonitorClient(monitor_endpoint, node="local", stage="launcher", role="launcher")
     try:
-        procs.start("monitor", ["monitor", "--out", str(out), "--endpoint", monitor_endpoint])
+        procs.start("monitor", ["monitor", "--out", str(out), "--endpoint", monitor_endpoint,
+                                "--run-info", json.dumps(run_info)])
         endpoints: dict[str, dict[str, str]] = {}
         for broker in suite["brokers"]:
             ready = out / f"broker-{broker['name']}.json"
@@ -223,6 +233,8 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
                 "--backend", LOOPBACK_ANY, "--ready-file", str(ready)])
             endpoints[broker["name"]] = _wait_ready(ready, proc, f"broker {broker['name']}")
             ready.unlink()
+            launcher.register(proc.pid, node=broker["name"], stage=f"broker-{broker['name']}",
+                              role="broker")
         stage_names = []
         for spec in suite["stages"]:
             stage_name = f"stage-{spec['node']}"
@@ -261,8 +273,10 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
         procs.stop(["source"])
         procs.stop(stage_names)
         procs.stop([f"broker-{b['name']}" for b in suite["brokers"]])
+        launcher.close(linger_s=1.0)
         procs.stop(["monitor"])
     finally:
+        launcher.close()
         procs.stop_all()
 
     if summary_path.exists():

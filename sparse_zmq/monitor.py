@@ -711,8 +711,10 @@ class _RunFile:
         self._lock = threading.Lock()
         self._seen = (-1, -1)
         previous = self._read_previous()
+        self._earlier_processes: dict[int, dict[str, Any]] = {}
         for info in processes_from_json(previous.get("processes") or []):
-            registry.restore(info)
+            if not registry.restore(info):
+                self._earlier_processes[info.pid] = {**asdict(info), "running": False}
 
         now = time.time()
         info = dict(run_info or {})
@@ -774,9 +776,11 @@ class _RunFile:
             for item in self.missing.as_list():
                 missing[(item["metric"], item["where"])] = item
             data["missing"] = list(missing.values())
-            data["processes"] = [
-                asdict(info) for info in self.registry.snapshot()
-            ]
+            running = {info.pid for info in self.registry.snapshot()}
+            processes = dict(self._earlier_processes)
+            for info in self.registry.history():
+                processes[info.pid] = {**asdict(info), "running": info.pid in running}
+            data["processes"] = [processes[pid] for pid in sorted(processes)]
             if self.gpu is not None:
                 data["host"]["gpus"] = self.gpu.describe()
                 data["versions"]["nvml-driver"] = self.gpu.driver_version
