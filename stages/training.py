@@ -100,7 +100,9 @@ class Optimizer:
         )
 
 
-def build_partition(model: str, split: list[int], index: int, *, seed: int) -> nn.Module:
+def build_partition(
+    model: str, split: list[int], index: int, *, seed: int
+) -> nn.Module:
     """Build the whole model from ``seed`` and return partition ``index`` of it.
 
     Every process of a run builds the model from the same seed, so the
@@ -138,8 +140,13 @@ class SplitTrainingStage(Stage):
     """
 
     def __init__(
-        self, module: nn.Module, *, last: bool, optimizer: Optimizer = Optimizer(),
-        name: str = "train", checkpoint: Checkpointer | None = None,
+        self,
+        module: nn.Module,
+        *,
+        last: bool,
+        optimizer: Optimizer = Optimizer(),
+        name: str = "train",
+        checkpoint: Checkpointer | None = None,
     ) -> None:
         self.module = module
         self.last = last
@@ -154,7 +161,9 @@ class SplitTrainingStage(Stage):
         """Run ``train`` or ``infer`` for one (micro-)batch."""
         x = task.tensors.get("x")
         if x is None:
-            raise ConfigError(f"task carries tensors {sorted(task.tensors)}; expected 'x'")
+            raise ConfigError(
+                f"task carries tensors {sorted(task.tensors)}; expected 'x'"
+            )
         if task.op == "infer":
             return self._infer(task, x)
         if task.op != "train":
@@ -171,7 +180,9 @@ class SplitTrainingStage(Stage):
         y = task.tensors.get("y")
         if y is None or y.dtype != torch.int64 or y.dim() != 1:
             got = None if y is None else (y.dtype, list(y.shape))
-            raise ConfigError(f"last stage needs int64 labels 'y' of shape [batch], got {got}")
+            raise ConfigError(
+                f"last stage needs int64 labels 'y' of shape [batch], got {got}"
+            )
         return y
 
     def _train_last(self, task: Task, x: torch.Tensor, want_grad: bool) -> Result:
@@ -182,7 +193,7 @@ class SplitTrainingStage(Stage):
         loss = self.loss_fn(out, y)
         (loss * float(task.meta.get("scale", 1.0))).backward()
         self._micro_done(task)
-        tensors = {"grad": x.grad} if want_grad else {}
+        tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
         correct = int((out.detach().argmax(1) == y).sum())
         return Result(tensors, {"loss": float(loss.detach()), "correct": correct})
 
@@ -190,19 +201,29 @@ class SplitTrainingStage(Stage):
         self, task: Task, x: torch.Tensor, want_grad: bool
     ) -> Generator[Offload, Message, Result]:
         activation = self.module(x)
-        meta = {k: v for k, v in task.meta.items() if k in ("batch", "micro", "micros", "scale")}
-        tensors = {"x": activation.detach(), **({"y": task.tensors["y"]} if "y" in task.tensors else {})}
+        meta = {
+            k: v
+            for k, v in task.meta.items()
+            if k in ("batch", "micro", "micros", "scale")
+        }
+        tensors = {
+            "x": activation.detach(),
+            **({"y": task.tensors["y"]} if "y" in task.tensors else {}),
+        }
         reply = yield Offload("train", tensors, {**meta, "grad": True})
         grad = reply.tensors.get("grad")
         if grad is None or grad.shape != activation.shape:
             got = None if grad is None else list(grad.shape)
             raise ConfigError(
-                f"next stage answered with gradient of shape {got}, expected {list(activation.shape)}"
+                f"next stage answered with gradient of shape {got}, "
+                f"expected {list(activation.shape)}"
             )
         activation.backward(grad)
         self._micro_done(task)
-        tensors = {"grad": x.grad} if want_grad else {}
-        return Result(tensors, {k: reply.meta[k] for k in ("loss", "correct") if k in reply.meta})
+        tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
+        return Result(
+            tensors, {k: reply.meta[k] for k in ("loss", "correct") if k in reply.meta}
+        )
 
     def _micro_done(self, task: Task) -> None:
         """Count a finished backward; step once the whole mini-batch is in."""
@@ -231,7 +252,12 @@ class SplitTrainingStage(Stage):
             return Result({"logits": out}, meta)
         return self._forward_infer(task, out)
 
-    def _forward_infer(self, task: Task, out: torch.Tensor) -> Generator[Offload, Message, Result]:
-        tensors = {"x": out, **({"y": task.tensors["y"]} if "y" in task.tensors else {})}
+    def _forward_infer(
+        self, task: Task, out: torch.Tensor
+    ) -> Generator[Offload, Message, Result]:
+        tensors = {
+            "x": out,
+            **({"y": task.tensors["y"]} if "y" in task.tensors else {}),
+        }
         reply = yield Offload("infer", tensors, {})
         return Result(reply.tensors, reply.meta)
