@@ -77,6 +77,7 @@ from sparse_zmq.protocol import (
     parse_header,
     split_envelope,
 )
+from sparse_zmq.security import CurveConfig, ServerGuard, secure_server
 
 if TYPE_CHECKING:
     # Only for annotations: typing.Self exists from Python 3.11 on.
@@ -230,6 +231,7 @@ class FogBroker:
         config: BrokerConfig | None = None,
         name: str = "broker",
         context: zmq.Context[Any] | None = None,
+        curve: CurveConfig | None = None,
     ) -> None:
         """Create the broker's sockets; nothing is bound yet.
 
@@ -241,6 +243,8 @@ class FogBroker:
             name: Names the broker in log lines.
             context: ZeroMQ context to use; when omitted the broker makes its
                 own and terminates it on :meth:`close`.
+            curve: CURVE keys: both sockets then encrypt and accept only the
+                listed client keys (see :mod:`sparse_zmq.security`).
         """
         self.name = name
         self.config = config if config is not None else BrokerConfig()
@@ -253,6 +257,11 @@ class FogBroker:
         self._context: zmq.Context[Any] = zmq.Context() if context is None else context
         self._frontend = self._router()
         self._backend = self._router()
+        self._curve: list[ServerGuard] = []
+        if curve is not None:
+            self._curve = [
+                secure_server(sock, curve) for sock in (self._frontend, self._backend)
+            ]
 
         self._queue: collections.deque[_Task] = collections.deque()
         self._queued_keys: set[_TaskKey] = set()
@@ -357,6 +366,8 @@ class FogBroker:
         self._closed = True
         self._frontend.close(linger=self.config.linger_ms)
         self._backend.close(linger=self.config.linger_ms)
+        for guard in self._curve:
+            guard.release()
         if self._own_context:
             self._context.term()
         logger.info("%s: closed", self.name)
@@ -697,6 +708,7 @@ def serve(
     config: BrokerConfig | None = None,
     ready_file: Path | None = None,
     name: str = "broker",
+    curve: CurveConfig | None = None,
 ) -> dict[str, int]:
     """Run a broker in this process until SIGINT or SIGTERM.
 
@@ -711,6 +723,7 @@ def serve(
             ``{"frontend": ..., "backend": ..., "pid": ...}`` as JSON,
             written atomically, so a launcher can wait for it.
         name: Names the broker in log lines.
+        curve: CURVE keys for both sockets; None for plain sockets.
 
     Returns:
         The broker's final counters.
@@ -728,7 +741,9 @@ def serve(
         sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        with FogBroker(frontend, backend, config=config, name=name) as broker:
+        with FogBroker(
+            frontend, backend, config=config, name=name, curve=curve
+        ) as broker:
             bound_frontend, bound_backend = broker.bind()
             if ready_file is not None:
                 _write_ready_file(

@@ -8,7 +8,8 @@
     sparse-zmq source  --frontend tcp://127.0.0.1:5555 --split 8 [--on-device]
     sparse-zmq monitor --out runs/demo [--interval 0.25] [--run-info @info.json]
     sparse-zmq report  runs/demo
-    sparse-zmq run hybrid-off-device --out runs/demo
+    sparse-zmq run hybrid-off-device --out runs/demo [--curve]
+    sparse-zmq keys    keys/ --name edge --name fog --name cloud
 
 Every long-running role stops cleanly on SIGINT or SIGTERM.
 """
@@ -22,10 +23,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparse_zmq.errors import ConfigError, SparseError
 from sparse_zmq.lifecycle import atomic_write_text, configure_logging, stop_on_signals
+
+if TYPE_CHECKING:
+    from sparse_zmq.security import CurveConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -63,6 +67,28 @@ def _add_monitor_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", default="node", help="name of this node in logs and CSVs")
 
 
+def _add_curve_options(parser: argparse.ArgumentParser, *, client: bool) -> None:
+    parser.add_argument(
+        "--curve-keys", type=Path, default=None,
+        help="key folder made by 'sparse-zmq keys': encrypt and authenticate every "
+        "tcp connection with CURVE (default: off)",
+    )
+    if client:
+        parser.add_argument(
+            "--curve-name", default=None,
+            help="this client's key pair in --curve-keys (default: the --node name)",
+        )
+
+
+def _curve(args: argparse.Namespace) -> CurveConfig | None:
+    from sparse_zmq.security import CurveConfig
+
+    if args.curve_keys is None:
+        return None
+    name = getattr(args, "curve_name", None) or getattr(args, "node", None)
+    return CurveConfig.from_folder(args.curve_keys, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sparse-zmq``."""
     parser = argparse.ArgumentParser(
@@ -77,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--max-queued", type=int, default=1000, help="bound of the task queue")
     broker.add_argument("--ready-file", type=Path, help="write the bound endpoints here as JSON")
     broker.add_argument("--name", default="broker", help="name in logs")
+    _add_curve_options(broker, client=False)
 
     stage = sub.add_parser("stage", help="run one partition as a worker of a broker")
     stage.add_argument("--backend", required=True, help="broker backend to take tasks from")
@@ -96,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(stage)
     _add_monitor_option(stage)
+    _add_curve_options(stage, client=True)
 
     source = sub.add_parser("source", help="feed data into a pipeline (the edge node)")
     source.add_argument("--frontend", required=True, help="first broker's frontend")
@@ -108,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--timeout", type=float, default=600.0, help="seconds one mini-batch may take")
     _add_model_options(source)
     _add_monitor_option(source)
+    _add_curve_options(source, client=True)
 
     monitor = sub.add_parser("monitor", help="collect this node's records into CSVs")
     monitor.add_argument("--out", type=Path, required=True, help="run folder for the CSVs")
@@ -135,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", default=None, help="CIFAR-10 folder (default: bundled digits)")
     run.add_argument("--model", default=None, help="model name (default: the suite's)")
     run.add_argument("--split", default=None, help="split points (default: the suite's)")
+    run.add_argument(
+        "--curve", action="store_true",
+        help="generate CURVE keys under OUT/keys and secure every tcp connection",
+    )
+
+    keys = sub.add_parser("keys", help="generate CURVE key pairs (brokers, clients)")
+    keys.add_argument("folder", type=Path, help="key folder (created with mode 0700)")
+    keys.add_argument(
+        "--name", action="append", default=[],
+        help="a client (node) to create a key pair for and authorize; repeatable. "
+        "The brokers' pair is created once; existing pairs are kept",
+    )
     return parser
 
 
@@ -154,8 +195,13 @@ def _optimizer(args: argparse.Namespace):  # noqa: ANN202 - lazy torch import
 def _cmd_broker(args: argparse.Namespace) -> int:
     from brokers.fog import BrokerConfig, serve
 
+    from sparse_zmq.security import warn_if_exposed
+
+    curve = _curve(args)
+    for endpoint in (args.frontend, args.backend):
+        warn_if_exposed(endpoint, curve, args.name)
     serve(args.frontend, args.backend, config=BrokerConfig(max_queued_tasks=args.max_queued),
-          ready_file=args.ready_file, name=args.name)
+          ready_file=args.ready_file, name=args.name, curve=curve)
     return 0
 
 
@@ -187,7 +233,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     monitor = MonitorClient(args.monitor, node=args.node, stage=name, role="stage")
     runtime = StageRuntime(stage, args.backend, next_frontend=args.next, node=args.node,
-                           slots=args.slots, monitor=monitor)
+                           slots=args.slots, monitor=monitor, curve=_curve(args))
     try:
         runtime.run(stop)
     finally:
@@ -212,7 +258,7 @@ def _cmd_source(args: argparse.Namespace) -> int:
     train = load_dataset(args.data, train=True)
     test = load_dataset(args.data, train=False)
     monitor = MonitorClient(args.monitor, node=args.node, stage="source", role="source")
-    with Master(args.frontend, name=args.node) as master:
+    with Master(args.frontend, name=args.node, curve=_curve(args)) as master:
         source = TrainingSource(master, first=first, optimizer=_optimizer(args),
                                 micro_batches=args.micro_batches, monitor=monitor,
                                 timeout_s=args.timeout)
@@ -273,10 +319,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     options = RunOptions(batches=args.batches, batch_size=args.batch_size,
                          micro_batches=args.micro_batches, data=args.data,
-                         model=args.model, split=args.split)
+                         model=args.model, split=args.split, curve=args.curve)
     summary = run_suite(args.suite, args.out, options)
     sys.stdout.write(summary.render() + "\n")
     return 0 if summary.ok else 1
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from sparse_zmq.security import generate_keys
+
+    for path in generate_keys(args.folder, args.name):
+        sys.stdout.write(f"{path}\n")
+    return 0
 
 
 COMMANDS = {
@@ -286,6 +340,7 @@ COMMANDS = {
     "monitor": _cmd_monitor,
     "report": _cmd_report,
     "run": _cmd_run,
+    "keys": _cmd_keys,
 }
 
 

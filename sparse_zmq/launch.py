@@ -55,6 +55,7 @@ class RunOptions:
     data: str | None = None
     model: str | None = None
     split: str | None = None
+    curve: bool = False  # generate keys under <out>/keys and secure every tcp hop
 
 
 @dataclass
@@ -208,6 +209,15 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     if checkpoints.exists():
         logger.info("removing the checkpoints of an earlier run in %s", checkpoints)
         shutil.rmtree(checkpoints)
+    curve: list[str] = []
+    if options.curve:
+        from sparse_zmq.security import generate_keys
+
+        # One pair per client node (its --node name picks it); kept across runs.
+        nodes = [suite["source"]["node"], *(spec["node"] for spec in suite["stages"])]
+        generate_keys(out / "keys", nodes)
+        curve = ["--curve-keys", str(out / "keys")]
+        common += curve
     procs = _Processes(logs)
     summary = RunSummary(name, out, ok=False)
     summary_path = out / "summary.json"
@@ -230,7 +240,7 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
             ready.unlink(missing_ok=True)
             proc = procs.start(f"broker-{broker['name']}", [
                 "broker", "--name", broker["name"], "--frontend", LOOPBACK_ANY,
-                "--backend", LOOPBACK_ANY, "--ready-file", str(ready)])
+                "--backend", LOOPBACK_ANY, "--ready-file", str(ready), *curve])
             endpoints[broker["name"]] = _wait_ready(ready, proc, f"broker {broker['name']}")
             ready.unlink()
             launcher.register(proc.pid, node=broker["name"], stage=f"broker-{broker['name']}",

@@ -27,6 +27,7 @@ import zmq
 
 from sparse_zmq.errors import ProtocolError, RemoteError, TaskTimeout
 from sparse_zmq.protocol import DEFAULT_LIMITS, Kind, Limits, Message, pack, split_envelope, unpack
+from sparse_zmq.security import CurveConfig, secure_client
 
 __all__ = ["Master", "Pending", "Reply"]
 
@@ -86,6 +87,7 @@ class Master:
         context: ZeroMQ context to use (one per process; never shared across fork).
         limits: Bounds checked on every received message.
         task_timeout_s: Default time a task may stay unanswered.
+        curve: CURVE keys to connect with; None for a plain connection.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Master:
         context: zmq.Context | None = None,
         limits: Limits = DEFAULT_LIMITS,
         task_timeout_s: float = 600.0,
+        curve: CurveConfig | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.name = name
@@ -109,6 +112,8 @@ class Master:
         self._context = context or zmq.Context.instance()
         self.socket: zmq.Socket = self._context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        if curve is not None:
+            secure_client(self.socket, curve)
         self.socket.connect(endpoint)
         logger.info("%s: master connected to %s", name, endpoint)
 

@@ -57,6 +57,7 @@ from sparse_zmq.protocol import (
     split_envelope,
     unpack,
 )
+from sparse_zmq.security import CurveConfig, secure_client
 
 __all__ = ["Task", "Result", "Offload", "Stage", "StageRuntime", "StageOutput"]
 
@@ -146,6 +147,7 @@ class StageRuntime:
         context: ZeroMQ context (one per process).
         limits: Bounds checked on every received message.
         task_timeout_s: Deadline for offloaded work.
+        curve: CURVE keys for both connections; None for plain connections.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class StageRuntime:
         context: zmq.Context | None = None,
         limits: Limits = DEFAULT_LIMITS,
         task_timeout_s: float = 600.0,
+        curve: CurveConfig | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
@@ -172,6 +175,8 @@ class StageRuntime:
         self._context = context or zmq.Context.instance()
         self._worker = self._context.socket(zmq.DEALER)
         self._worker.setsockopt(zmq.LINGER, LINGER_MS)
+        if curve is not None:
+            secure_client(self._worker, curve)
         self._worker.connect(backend)
         self._next = (
             Master(
@@ -180,6 +185,7 @@ class StageRuntime:
                 context=self._context,
                 limits=limits,
                 task_timeout_s=task_timeout_s,
+                curve=curve,
             )
             if next_frontend
             else None
