@@ -6,12 +6,33 @@ sends them to the first broker, all of one mini-batch before the first reply
 (GPipe-style). With an on-device partition it back-propagates the gradients
 that come back and steps its own optimizer once per mini-batch.
 
+**Mini-batches in flight.** By default (``in_flight=1``) the next mini-batch
+is sent only once every micro-batch of the previous one has come back and
+the source has stepped: with micro-batches this is exact GPipe, and the
+parameters equal those of sequential, unsplit training (for models without
+batch norm; with batch norm the statistics are per micro-batch). With
+``in_flight=k > 1`` up to ``k`` mini-batches are under way at once, so the
+stages never wait for the source between mini-batches; but a mini-batch may
+then run forward on weights that earlier mini-batches have not updated yet,
+and the run **no longer equals sequential training** (it is one or more
+steps stale, as in asynchronous pipelines such as PipeDream). The source's own
+partition then keeps the weights each mini-batch's forward used for its
+backward (weight stashing, through
+:func:`torch.autograd.graph.allow_mutation_on_saved_tensors`). Remote stages
+must be last stages for ``k > 1``: an intermediate
+:class:`~stages.training.SplitTrainingStage` holds autograd graphs across its
+offload, and a step between another mini-batch's forward and backward makes
+that backward fail (``modified by an inplace operation``), so the mini-batch is
+answered with an error.
+
 Replies are matched to micro-batches by task id, never by arrival order.
 After training it measures accuracy on held-out data with ``infer`` tasks.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,8 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_zmq.errors import RemoteError, TaskTimeout
-from sparse_zmq.master import Master
+from sparse_zmq.errors import ConfigError, RemoteError, TaskTimeout
+from sparse_zmq.master import Master, Reply
 from sparse_zmq.monitor import MonitorClient
 from stages.data import Dataset, batches
 from stages.training import Optimizer
@@ -70,6 +91,21 @@ class TrainingReport:
         }
 
 
+@dataclass
+class _MiniBatch:
+    """A mini-batch under way: its micro-batches still waited for, and what came back."""
+
+    batch_id: str
+    size: int
+    started: float
+    waiting: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    loss: float = 0.0
+    correct: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    failure: Exception | None = None
+
+
 class TrainingSource:
     """Feeds mini-batches into a pipeline and records their completion.
 
@@ -78,8 +114,13 @@ class TrainingSource:
         first: The partition run on this device, or None to send raw data.
         optimizer: Optimizer settings for ``first``.
         micro_batches: Micro-batches per mini-batch.
+        in_flight: Mini-batches under way at once (see the module docstring:
+            1 is exact GPipe; more no longer equals sequential training).
         monitor: Where one record per mini-batch goes.
         timeout_s: How long one mini-batch may take end to end.
+
+    Raises:
+        ConfigError: ``micro_batches`` or ``in_flight`` is below 1.
     """
 
     def __init__(
@@ -89,44 +130,73 @@ class TrainingSource:
         first: nn.Module | None = None,
         optimizer: Optimizer = Optimizer(),
         micro_batches: int = 1,
+        in_flight: int = 1,
         monitor: MonitorClient | None = None,
         timeout_s: float = 600.0,
     ) -> None:
+        for name, value in (("micro_batches", micro_batches), ("in_flight", in_flight)):
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         self.master = master
         self.first = first
         self.optimizer = optimizer.build(first.parameters()) if first is not None else None
         self.micro_batches = micro_batches
+        self.in_flight = in_flight
         self.monitor = monitor or MonitorClient(None, node="source", stage="source", role="source")
         self.timeout_s = timeout_s
+        self._by_task: dict[str, _MiniBatch] = {}
 
     def train(self, data: Dataset, *, batch_size: int, batches_total: int, seed: int = 0) -> TrainingReport:
         """Train for ``batches_total`` mini-batches, cycling over ``data``.
 
-        A mini-batch that fails or times out is logged, counted in the report
+        Up to :attr:`in_flight` mini-batches are under way at once. A
+        mini-batch that fails or times out is logged, counted in the report
         and not retried (the stages may hold part of its update).
         """
         report = TrainingReport()
         started = time.perf_counter()
-        epoch = 0
-        while len(report.losses) + report.failed_batches < batches_total:
-            for images, labels in batches(data, batch_size, shuffle=True, seed=seed + epoch):
-                if len(report.losses) + report.failed_batches >= batches_total:
-                    break
-                index = len(report.losses) + report.failed_batches
-                try:
-                    loss, correct = self.train_batch(images, labels, batch_id=f"b{index}")
-                except (RemoteError, TaskTimeout) as exc:
-                    report.failed_batches += 1
-                    logger.warning("source: mini-batch %d failed: %s", index, exc)
-                    continue
-                report.losses.append(loss)
-                report.train_correct += correct
-                report.samples += len(labels)
-                if index % 10 == 0:
-                    logger.info("source: batch %d/%d loss %.4f", index, batches_total, loss)
-            epoch += 1
+        under_way: collections.deque[_MiniBatch] = collections.deque()
+        # Several mini-batches in flight: the source's partition steps between a
+        # later mini-batch's forward and backward, so keep the weights it used.
+        stash = (
+            torch.autograd.graph.allow_mutation_on_saved_tensors()
+            if self.in_flight > 1 and self.first is not None
+            else contextlib.nullcontext()
+        )
+        with stash:
+            sent = 0
+            epoch = 0
+            while sent < batches_total:
+                for images, labels in batches(data, batch_size, shuffle=True, seed=seed + epoch):
+                    if sent >= batches_total:
+                        break
+                    while len(under_way) >= self.in_flight:
+                        self._complete_oldest(under_way, report, batches_total)
+                    under_way.append(self._send(images, labels, batch_id=f"b{sent}"))
+                    sent += 1
+                epoch += 1
+            while under_way:
+                self._complete_oldest(under_way, report, batches_total)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _complete_oldest(
+        self, under_way: collections.deque[_MiniBatch], report: TrainingReport, total: int
+    ) -> None:
+        """Wait for the oldest mini-batch under way and record it in ``report``."""
+        batch = under_way.popleft()
+        index = len(report.losses) + report.failed_batches
+        try:
+            loss, correct = self._wait(batch)
+        except (RemoteError, TaskTimeout) as exc:
+            report.failed_batches += 1
+            logger.warning("source: mini-batch %s failed: %s", batch.batch_id, exc)
+            return
+        report.losses.append(loss)
+        report.train_correct += correct
+        report.samples += batch.size
+        if index % 10 == 0:
+            logger.info("source: batch %d/%d loss %.4f", index, total, loss)
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor, *, batch_id: str) -> tuple[float, int]:
         """Send one mini-batch as micro-batches and wait for all their replies.
@@ -138,58 +208,80 @@ class TrainingSource:
             RemoteError: A micro-batch failed in the pipeline.
             TaskTimeout: A micro-batch got no reply in time.
         """
-        started = time.time()
+        return self._wait(self._send(images, labels, batch_id=batch_id))
+
+    def _send(self, images: torch.Tensor, labels: torch.Tensor, *, batch_id: str) -> _MiniBatch:
+        """Run the source's partition on each micro-batch and send them all."""
+        batch = _MiniBatch(batch_id, len(labels), time.time())
         chunks = list(zip(images.chunk(self.micro_batches), labels.chunk(self.micro_batches)))
-        activations: dict[str, tuple[torch.Tensor, float]] = {}
-        bytes_out = 0
         for micro, (x, y) in enumerate(chunks):
+            # "stream" pins training to the workers holding this run's parameters.
             meta = {"batch": batch_id, "micro": micro, "micros": len(chunks),
-                    "scale": len(y) / len(labels), "grad": self.first is not None}
+                    "scale": len(y) / len(labels), "grad": self.first is not None,
+                    "stream": f"{self.master.name}/train"}
             if self.first is not None:
                 self.first.train()
                 x = self.first(x)
             task_id = self.master.submit("train", {"x": x.detach(), "y": y}, meta,
                                          timeout_s=self.timeout_s)
-            bytes_out += self.master.pending[task_id].bytes_out
-            activations[task_id] = (x, meta["scale"])
+            batch.bytes_out += self.master.pending[task_id].bytes_out
+            batch.waiting[task_id] = (x, meta["scale"])
+            self._by_task[task_id] = batch
+        return batch
 
-        loss = 0.0
-        correct = 0
-        bytes_in = 0
-        failure: Exception | None = None
-        while activations:
+    def _wait(self, batch: _MiniBatch) -> tuple[float, int]:
+        """Take replies (of any mini-batch under way) until ``batch`` is complete, then step.
+
+        Raises:
+            RemoteError: A micro-batch of ``batch`` failed in the pipeline.
+            TaskTimeout: A micro-batch of ``batch`` got no reply in time.
+        """
+        while batch.waiting:
             reply = self.master.receive(self.timeout_s)
             if reply is None:
-                failure = TaskTimeout(f"{len(activations)} micro-batches of {batch_id} got no reply")
+                batch.failure = batch.failure or TaskTimeout(
+                    f"{len(batch.waiting)} micro-batches of {batch.batch_id} got no reply "
+                    f"within {self.timeout_s:.0f}s"
+                )
                 break
-            sent = activations.pop(reply.pending.task_id, None)
-            if sent is None:
-                continue
-            activation, scale = sent
-            bytes_in += reply.bytes_in
-            try:
-                message = reply.raise_for_error()
-            except RemoteError as exc:
-                failure = failure or exc
-                continue
-            if self.first is not None:
-                activation.backward(message.tensors["grad"])
-            loss += float(message.meta["loss"]) * scale
-            correct += int(message.meta.get("correct", 0))
-        for task_id in activations:
+            self._on_reply(reply)
+        for task_id in batch.waiting:
             self.master.pending.pop(task_id, None)
-        if failure is not None:
+            self._by_task.pop(task_id, None)
+        batch.waiting.clear()
+
+        if batch.failure is not None:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
-            self.monitor.task(batch_id, "train", len(labels), started, time.time(),
-                              bytes_in, bytes_out, status="error", detail=str(failure)[:200])
-            raise failure
+            self.monitor.task(batch.batch_id, "train", batch.size, batch.started, time.time(),
+                              batch.bytes_in, batch.bytes_out, status="error",
+                              detail=str(batch.failure)[:200])
+            raise batch.failure
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.monitor.task(batch_id, "train", len(labels), started, time.time(),
-                          bytes_in, bytes_out, status="ok")
-        return loss, correct
+        self.monitor.task(batch.batch_id, "train", batch.size, batch.started, time.time(),
+                          batch.bytes_in, batch.bytes_out, status="ok")
+        return batch.loss, batch.correct
+
+    def _on_reply(self, reply: Reply) -> None:
+        """Back-propagate one micro-batch's gradient and add up its loss."""
+        task_id = reply.pending.task_id
+        batch = self._by_task.pop(task_id, None)
+        sent = batch.waiting.pop(task_id, None) if batch is not None else None
+        if batch is None or sent is None:
+            return
+        activation, scale = sent
+        batch.bytes_in += reply.bytes_in
+        try:
+            message = reply.raise_for_error()
+        except (RemoteError, TaskTimeout) as exc:
+            batch.failure = batch.failure or exc
+            return
+        if self.first is not None:
+            activation.backward(message.tensors["grad"])
+        batch.loss += float(message.meta["loss"]) * scale
+        batch.correct += int(message.meta.get("correct", 0))
 
     def evaluate(self, data: Dataset, *, batch_size: int) -> tuple[int, int]:
         """Count correct predictions on ``data`` with ``infer`` tasks.

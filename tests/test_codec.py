@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import zmq
 
 from sparse_zmq.codec import DTYPES, decode_tensor, encode_tensor
 from sparse_zmq.errors import ProtocolError
+from sparse_zmq.protocol import Kind, Message, pack, unpack
 
 MAX = 1 << 30
 
@@ -109,3 +112,76 @@ def test_sparse_and_quantized_tensors_are_refused() -> None:
 def test_bad_descriptions_and_sizes_are_rejected_with_the_values(description, size, match) -> None:
     with pytest.raises(ProtocolError, match=match):
         decode_tensor(description, bytes(size), max_bytes=MAX)
+
+
+# Zero copies: the socket is given the tensor's own memory, and a received
+# frame becomes the tensor's memory.
+
+
+def _frame_pair():
+    """A PAIR of sockets joined over a loopback port the kernel picks."""
+    context = zmq.Context()
+    a = context.socket(zmq.PAIR)
+    a.setsockopt(zmq.LINGER, 0)
+    a.bind("tcp://127.0.0.1:*")
+    b = context.socket(zmq.PAIR)
+    b.setsockopt(zmq.LINGER, 0)
+    b.connect(a.getsockopt_string(zmq.LAST_ENDPOINT))
+    return context, a, b
+
+
+def _address(buffer) -> int:
+    return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+
+
+def test_buffer_handed_to_the_socket_shares_memory_with_the_tensor() -> None:
+    t = torch.randn(1024, 64)
+    frames = pack(Message(Kind.TASK, "t-1", {"x": t}, {"op": "train"}))
+    assert _address(frames[1]) == t.data_ptr()
+    t[0, 0] = 42.0  # a write to the tensor shows in the buffer ZeroMQ reads
+    assert np.frombuffer(frames[1], dtype=np.float32)[0] == 42.0
+
+
+def test_decoded_tensor_is_the_received_frame_and_stays_writable() -> None:
+    context, a, b = _frame_pair()
+    try:
+        sent = torch.randn(256, 1024)  # 1 MiB: ZeroMQ gives it a buffer of its own
+        a.send_multipart(pack(Message(Kind.RESULT, "t-1", {"grad": sent})), copy=False)
+        assert b.poll(10_000), "the message did not arrive"
+        frames = b.recv_multipart(copy=False)
+        got = unpack(frames).tensors["grad"]
+        assert got.data_ptr() == _address(frames[1].buffer)
+        assert torch.equal(got, sent)
+        got += 1  # writable, and the write lands in the frame's memory
+        assert np.frombuffer(frames[1].buffer, dtype=np.float32)[0] == sent[0, 0] + 1
+        del frames
+        assert torch.equal(got, sent + 1)  # the tensor keeps the frame alive
+    finally:
+        a.close()
+        b.close()
+        context.term()
+
+
+def test_misaligned_or_foreign_buffers_are_copied() -> None:
+    context, a, b = _frame_pair()
+    try:
+        payload = torch.arange(17, dtype=torch.float32).numpy().tobytes()
+        a.send_multipart([b"h", bytes(len(payload) + 3)], copy=False)
+        assert b.poll(10_000), "the message did not arrive"
+        frame = b.recv_multipart(copy=False)[1]
+        start = next(k for k in (1, 2, 3) if (_address(frame.buffer) + k) % 4)
+        odd = frame.buffer[start : start + len(payload)]  # off float32 alignment
+        odd[:] = payload
+        got = decode_tensor({"dtype": "float32", "shape": [17]}, odd, max_bytes=MAX)
+        assert got.tolist() == list(range(17))
+        assert got.data_ptr() != _address(odd)
+        got[0] = -1.0
+        assert bytes(odd[:4]) == payload[:4]
+    finally:
+        a.close()
+        b.close()
+        context.term()
+    readonly = torch.arange(4.0).numpy().tobytes()
+    got = decode_tensor({"dtype": "float32", "shape": [4]}, memoryview(readonly), max_bytes=MAX)
+    got += 1
+    assert got.tolist() == [1.0, 2.0, 3.0, 4.0]

@@ -14,6 +14,7 @@ from sparse_zmq.errors import ConfigError
 from sparse_zmq.master import Master
 from sparse_zmq.protocol import Kind, Message, pack, split_envelope, unpack
 from sparse_zmq.stage import StageRuntime, Task
+from stages.data import Dataset, batches
 from stages.models import build_model, partition
 from stages.source import TrainingSource
 from stages.training import Optimizer, SplitTrainingStage, build_partition
@@ -71,6 +72,61 @@ def test_micro_batched_training_equals_one_unsplit_step_without_batch_norm() -> 
                                 timeout_s=TIMEOUT_S)
         source.train_batch(x, y, batch_id="b0")
     _assert_same_state(parts, _unsplit_step("vgg11-nobn", x, y), split)
+
+
+@pytest.mark.slow
+def test_micro_batched_training_equals_unsplit_across_three_partitions_off_device() -> None:
+    split = [7, 14]
+    x, y = _batch(12)
+    parts = [build_partition("vgg11-nobn", split, i, seed=0) for i in range(3)]
+    stages = [SplitTrainingStage(p, last=i == 2, optimizer=OPT, name=f"p{i}")
+              for i, p in enumerate(parts)]
+    with serve_pipeline(stages, slots=3) as pipe, Master(pipe.frontend) as master:
+        source = TrainingSource(master, optimizer=OPT, micro_batches=3, timeout_s=TIMEOUT_S)
+        source.train_batch(x, y, batch_id="b0")
+    _assert_same_state(parts, _unsplit_step("vgg11-nobn", x, y), split)
+
+
+def _dataset(batches: int, batch_size: int) -> Dataset:
+    g = torch.Generator().manual_seed(3)
+    n = batches * batch_size
+    return Dataset(torch.randn(n, 3, 32, 32, generator=g),
+                   torch.randint(0, 10, (n,), generator=g), "random")
+
+
+@pytest.mark.slow
+def test_one_mini_batch_in_flight_trains_like_sequential_steps_and_more_run_stale() -> None:
+    split = [7]
+    data = _dataset(3, 8)
+    results = {}
+    for in_flight in (1, 2):
+        parts = [build_partition("vgg11-nobn", split, i, seed=0) for i in range(2)]
+        stages = [SplitTrainingStage(parts[1], last=True, optimizer=OPT)]
+        with serve_pipeline(stages, slots=4) as pipe, Master(pipe.frontend) as master:
+            source = TrainingSource(master, first=parts[0], optimizer=OPT, micro_batches=2,
+                                    in_flight=in_flight, timeout_s=TIMEOUT_S)
+            report = source.train(data, batch_size=8, batches_total=3, seed=0)
+        assert report.failed_batches == 0 and len(report.losses) == 3
+        results[in_flight] = parts
+
+    reference = build_model("vgg11-nobn", seed=0)
+    opt = OPT.build(reference.parameters())
+    for images, labels in batches(data, 8, shuffle=True, seed=0):
+        nn.functional.cross_entropy(reference(images), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _assert_same_state(results[1], reference, split)
+    # Two in flight: the second mini-batch ran forward before the first stepped.
+    stale = results[2][0].state_dict()
+    assert any(not torch.allclose(stale[k], v, atol=1e-6)
+               for k, v in results[1][0].state_dict().items())
+
+
+def test_in_flight_and_micro_batches_below_one_are_refused() -> None:
+    with Master("tcp://127.0.0.1:1") as master:
+        for bad in ({"in_flight": 0}, {"micro_batches": 0}):
+            with pytest.raises(ConfigError, match="must be an integer >= 1"):
+                TrainingSource(master, **bad)
 
 
 class _ReversingLastStage:
