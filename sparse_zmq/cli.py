@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--batches", type=int, default=150, help="mini-batches to train")
     source.add_argument("--batch-size", type=int, default=32, help="samples per mini-batch")
     source.add_argument("--micro-batches", type=int, default=1, help="micro-batches per mini-batch")
+    source.add_argument(
+        "--in-flight", type=int, default=1,
+        help="mini-batches under way at once (default: 1, exact GPipe; more keeps the "
+        "stages busy but no longer equals sequential training, and needs every "
+        "remote stage to be a last stage)",
+    )
     source.add_argument("--data", default=None, help="CIFAR-10 folder (default: bundled digits)")
     source.add_argument("--summary", type=Path, default=None, help="write the run summary JSON here")
     source.add_argument("--timeout", type=float, default=600.0, help="seconds one mini-batch may take")
@@ -161,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batches", type=int, default=None, help="mini-batches to train")
     run.add_argument("--batch-size", type=int, default=None, help="samples per mini-batch")
     run.add_argument("--micro-batches", type=int, default=None, help="micro-batches per mini-batch")
+    run.add_argument(
+        "--in-flight", type=int, default=None,
+        help="mini-batches under way at once (default: 1; see 'source --help')",
+    )
     run.add_argument("--data", default=None, help="CIFAR-10 folder (default: bundled digits)")
     run.add_argument("--model", default=None, help="model name (default: the suite's)")
     run.add_argument("--split", default=None, help="split points (default: the suite's)")
@@ -260,7 +270,8 @@ def _cmd_source(args: argparse.Namespace) -> int:
     monitor = MonitorClient(args.monitor, node=args.node, stage="source", role="source")
     with Master(args.frontend, name=args.node, curve=_curve(args)) as master:
         source = TrainingSource(master, first=first, optimizer=_optimizer(args),
-                                micro_batches=args.micro_batches, monitor=monitor,
+                                micro_batches=args.micro_batches, in_flight=args.in_flight,
+                                monitor=monitor,
                                 timeout_s=args.timeout)
         logger.info("source: training %d mini-batches of %d on %s (%d samples)",
                     args.batches, args.batch_size, train.name, len(train.labels))
@@ -318,7 +329,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so the launcher stops every process it started.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     options = RunOptions(batches=args.batches, batch_size=args.batch_size,
-                         micro_batches=args.micro_batches, data=args.data,
+                         micro_batches=args.micro_batches, in_flight=args.in_flight,
+                         data=args.data,
                          model=args.model, split=args.split, curve=args.curve)
     summary = run_suite(args.suite, args.out, options)
     sys.stdout.write(summary.render() + "\n")

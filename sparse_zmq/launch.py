@@ -52,6 +52,7 @@ class RunOptions:
     batches: int | None = None
     batch_size: int | None = None
     micro_batches: int | None = None
+    in_flight: int | None = None
     data: str | None = None
     model: str | None = None
     split: str | None = None
@@ -185,11 +186,21 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     batches = options.batches or defaults["batches"]
     batch_size = options.batch_size or defaults["batch_size"]
     micro = options.micro_batches or defaults["micro_batches"]
+    in_flight = options.in_flight or defaults.get("in_flight", 1)
     model = options.model or suite["model"]
     split = options.split if options.split is not None else ",".join(map(str, suite["split"]))
-    for label, value in (("batches", batches), ("batch size", batch_size), ("micro-batches", micro)):
+    for label, value in (("batches", batches), ("batch size", batch_size), ("micro-batches", micro),
+                         ("mini-batches in flight", in_flight)):
         if value < 1:
             raise ConfigError(f"{label} must be at least 1, got {value}")
+    middle = [spec["node"] for spec in suite["stages"] if spec.get("next")]
+    if in_flight > 1 and middle:
+        raise ConfigError(
+            f"{in_flight} mini-batches in flight need every remote stage to be a last "
+            f"stage, but suite {name!r} has intermediate stages on {middle}: they hold "
+            "autograd graphs that a step for another mini-batch would invalidate; "
+            "allowed: --in-flight 1 for this suite"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -197,11 +208,11 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     from sparse_zmq.monitor import MonitorClient, default_endpoint
 
     monitor_endpoint = default_endpoint(out)
-    # With one mini-batch in flight the stages take turns, so each may use every
-    # core; with micro-batches they work at once and share the cores.
+    # With one mini-batch in flight and no micro-batches the stages take turns, so
+    # each may use every core; otherwise they work at once and share the cores.
     computing = len(suite["stages"]) + int(suite["source"]["on_device"])
     cores = os.cpu_count() or 1
-    threads = cores if micro == 1 else max(1, cores // computing)
+    threads = cores if micro == 1 and in_flight == 1 else max(1, cores // computing)
     common = ["--model", model, "--split", split, "--seed", "0", "--threads", str(threads),
               "--monitor", monitor_endpoint]
 
@@ -225,7 +236,7 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     # The monitor is the one writer of run.json; it gets the run's description here.
     run_info = {"suite": name, "configuration": {
         "model": model, "split": split, "batches": batches, "batch_size": batch_size,
-        "micro_batches": micro, "data": options.data or "bundled digits", "seed": 0,
+        "micro_batches": micro, "in_flight": in_flight, "data": options.data or "bundled digits", "seed": 0,
         "threads_per_process": threads, "topology": {
             key: suite[key] for key in ("description", "source", "brokers", "stages")
             if key in suite}}}
@@ -250,7 +261,7 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
             stage_name = f"stage-{spec['node']}"
             args = ["stage", "--node", spec["node"], "--partition", str(spec["partition"]),
                     "--backend", endpoints[spec["broker"]]["backend"],
-                    "--slots", str(micro), "--checkpoint", str(checkpoints / stage_name),
+                    "--slots", str(micro * in_flight), "--checkpoint", str(checkpoints / stage_name),
                     *common]
             if spec.get("next"):
                 args += ["--next", endpoints[spec["next"]]["frontend"]]
@@ -260,7 +271,8 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
         args = ["source", "--node", src["node"],
                 "--frontend", endpoints[src["broker"]]["frontend"],
                 "--batches", str(batches), "--batch-size", str(batch_size),
-                "--micro-batches", str(micro), "--summary", str(summary_path), *common]
+                "--micro-batches", str(micro), "--in-flight", str(in_flight),
+                "--summary", str(summary_path), *common]
         if src["on_device"]:
             args.append("--on-device")
         if options.data:

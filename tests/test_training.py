@@ -192,3 +192,13 @@ def test_last_stage_reports_a_wrong_label_shape_clearly() -> None:
         stage.process(Task("t", "train", {"x": act, "y": torch.zeros(2, 1, dtype=torch.int64)}, {}))
     result = stage.process(Task("t2", "train", {"x": act, "y": torch.tensor([1, 2])}, {}))
     assert result.meta["loss"] > 0  # the stage stays usable after a bad task
+
+
+def test_launcher_refuses_several_mini_batches_in_flight_with_an_intermediate_stage(
+    tmp_path,
+) -> None:
+    from sparse_zmq.launch import RunOptions, run_suite
+
+    with pytest.raises(ConfigError, match="intermediate stages on \\['fog'\\]"):
+        run_suite("hybrid-off-device", tmp_path, RunOptions(in_flight=2))
+    assert not any(tmp_path.iterdir())  # refused before anything started
