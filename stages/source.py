@@ -93,7 +93,7 @@ class TrainingReport:
 
 @dataclass
 class _MiniBatch:
-    """A mini-batch under way: its micro-batches still waited for, and what came back."""
+    """A mini-batch under way: the micro-batches still out, and what came back."""
 
     batch_id: str
     size: int
@@ -139,14 +139,20 @@ class TrainingSource:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         self.master = master
         self.first = first
-        self.optimizer = optimizer.build(first.parameters()) if first is not None else None
+        self.optimizer = (
+            optimizer.build(first.parameters()) if first is not None else None
+        )
         self.micro_batches = micro_batches
         self.in_flight = in_flight
-        self.monitor = monitor or MonitorClient(None, node="source", stage="source", role="source")
+        self.monitor = monitor or MonitorClient(
+            None, node="source", stage="source", role="source"
+        )
         self.timeout_s = timeout_s
         self._by_task: dict[str, _MiniBatch] = {}
 
-    def train(self, data: Dataset, *, batch_size: int, batches_total: int, seed: int = 0) -> TrainingReport:
+    def train(
+        self, data: Dataset, *, batch_size: int, batches_total: int, seed: int = 0
+    ) -> TrainingReport:
         """Train for ``batches_total`` mini-batches, cycling over ``data``.
 
         Up to :attr:`in_flight` mini-batches are under way at once. A
@@ -167,7 +173,9 @@ class TrainingSource:
             sent = 0
             epoch = 0
             while sent < batches_total:
-                for images, labels in batches(data, batch_size, shuffle=True, seed=seed + epoch):
+                for images, labels in batches(
+                    data, batch_size, shuffle=True, seed=seed + epoch
+                ):
                     if sent >= batches_total:
                         break
                     while len(under_way) >= self.in_flight:
@@ -181,7 +189,10 @@ class TrainingSource:
         return report
 
     def _complete_oldest(
-        self, under_way: collections.deque[_MiniBatch], report: TrainingReport, total: int
+        self,
+        under_way: collections.deque[_MiniBatch],
+        report: TrainingReport,
+        total: int,
     ) -> None:
         """Wait for the oldest mini-batch under way and record it in ``report``."""
         batch = under_way.popleft()
@@ -198,7 +209,9 @@ class TrainingSource:
         if index % 10 == 0:
             logger.info("source: batch %d/%d loss %.4f", index, total, loss)
 
-    def train_batch(self, images: torch.Tensor, labels: torch.Tensor, *, batch_id: str) -> tuple[float, int]:
+    def train_batch(
+        self, images: torch.Tensor, labels: torch.Tensor, *, batch_id: str
+    ) -> tuple[float, int]:
         """Send one mini-batch as micro-batches and wait for all their replies.
 
         Returns:
@@ -210,27 +223,41 @@ class TrainingSource:
         """
         return self._wait(self._send(images, labels, batch_id=batch_id))
 
-    def _send(self, images: torch.Tensor, labels: torch.Tensor, *, batch_id: str) -> _MiniBatch:
+    def _send(
+        self, images: torch.Tensor, labels: torch.Tensor, *, batch_id: str
+    ) -> _MiniBatch:
         """Run the source's partition on each micro-batch and send them all."""
         batch = _MiniBatch(batch_id, len(labels), time.time())
-        chunks = list(zip(images.chunk(self.micro_batches), labels.chunk(self.micro_batches)))
+        chunks = list(
+            zip(
+                images.chunk(self.micro_batches),
+                labels.chunk(self.micro_batches),
+                strict=True,
+            )
+        )
         for micro, (x, y) in enumerate(chunks):
             # "stream" pins training to the workers holding this run's parameters.
-            meta = {"batch": batch_id, "micro": micro, "micros": len(chunks),
-                    "scale": len(y) / len(labels), "grad": self.first is not None,
-                    "stream": f"{self.master.name}/train"}
+            meta = {
+                "batch": batch_id,
+                "micro": micro,
+                "micros": len(chunks),
+                "scale": len(y) / len(labels),
+                "grad": self.first is not None,
+                "stream": f"{self.master.name}/train",
+            }
             if self.first is not None:
                 self.first.train()
                 x = self.first(x)
-            task_id = self.master.submit("train", {"x": x.detach(), "y": y}, meta,
-                                         timeout_s=self.timeout_s)
+            task_id = self.master.submit(
+                "train", {"x": x.detach(), "y": y}, meta, timeout_s=self.timeout_s
+            )
             batch.bytes_out += self.master.pending[task_id].bytes_out
             batch.waiting[task_id] = (x, meta["scale"])
             self._by_task[task_id] = batch
         return batch
 
     def _wait(self, batch: _MiniBatch) -> tuple[float, int]:
-        """Take replies (of any mini-batch under way) until ``batch`` is complete, then step.
+        """Take replies (of any mini-batch under way) until ``batch`` is in, then step.
 
         Raises:
             RemoteError: A micro-batch of ``batch`` failed in the pipeline.
@@ -240,7 +267,8 @@ class TrainingSource:
             reply = self.master.receive(self.timeout_s)
             if reply is None:
                 batch.failure = batch.failure or TaskTimeout(
-                    f"{len(batch.waiting)} micro-batches of {batch.batch_id} got no reply "
+                    f"{len(batch.waiting)} micro-batches of {batch.batch_id} got no "
+                    "reply "
                     f"within {self.timeout_s:.0f}s"
                 )
                 break
@@ -253,15 +281,31 @@ class TrainingSource:
         if batch.failure is not None:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
-            self.monitor.task(batch.batch_id, "train", batch.size, batch.started, time.time(),
-                              batch.bytes_in, batch.bytes_out, status="error",
-                              detail=str(batch.failure)[:200])
+            self.monitor.task(
+                batch.batch_id,
+                "train",
+                batch.size,
+                batch.started,
+                time.time(),
+                batch.bytes_in,
+                batch.bytes_out,
+                status="error",
+                detail=str(batch.failure)[:200],
+            )
             raise batch.failure
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.monitor.task(batch.batch_id, "train", batch.size, batch.started, time.time(),
-                          batch.bytes_in, batch.bytes_out, status="ok")
+        self.monitor.task(
+            batch.batch_id,
+            "train",
+            batch.size,
+            batch.started,
+            time.time(),
+            batch.bytes_in,
+            batch.bytes_out,
+            status="ok",
+        )
         return batch.loss, batch.correct
 
     def _on_reply(self, reply: Reply) -> None:
@@ -291,13 +335,17 @@ class TrainingSource:
         """
         samples = 0
         correct = 0
-        for images, labels in batches(data, batch_size, shuffle=False, seed=0, drop_last=False):
+        for images, labels in batches(
+            data, batch_size, shuffle=False, seed=0, drop_last=False
+        ):
             x = images
             if self.first is not None:
                 self.first.eval()
                 with torch.no_grad():
                     x = self.first(x)
-            reply = self.master.request("infer", {"x": x, "y": labels}, timeout_s=self.timeout_s)
+            reply = self.master.request(
+                "infer", {"x": x, "y": labels}, timeout_s=self.timeout_s
+            )
             correct += int(reply.message.meta["correct"])
             samples += len(labels)
         return samples, correct

@@ -1,0 +1,427 @@
+"""Pipeline benchmark: split VGG training over real sockets against one process.
+
+Run it as::
+
+    python -m bench.pipeline [--quick] [--out DIR]
+
+Every mode trains the same model (CIFAR VGG-11 with batch norm, built from
+seed 0) on the same data (the bundled digits, as 3x32x32 images) with the
+same mini-batch size and optimizer, using the machine's whole thread budget
+(``os.cpu_count()`` torch threads in all):
+
+``single-process``
+    The unsplit model in one process with every thread.
+``split``
+    Two stages, each its own process behind its own fog broker (source ->
+    broker -> stage 0 -> broker -> stage 1), the source feeding raw images
+    from this process. One mini-batch in flight and no micro-batches, so the
+    stages take turns and each may use every thread.
+``split-microbatch``
+    The same pipeline, each mini-batch cut into micro-batches that flow
+    through the stages back to back (GPipe; one mini-batch in flight, exact
+    gradient accumulation), the thread budget divided among the stages (one
+    thread each on two cores): any speed-up can only come from the stages
+    working at the same time.
+
+Throughput is the source's samples per second over the timed mini-batches,
+after a few untimed ones (thread pools and buffers warm). The pipeline's
+stages, brokers and the single-process run each have a process of their own.
+
+Bytes: over all mini-batches, each stage adds up the frames of every task
+it receives and every reply it sends, exactly as it hands them to ZeroMQ
+(routing envelope, header and tensor frames; ZeroMQ's own 2 to 9 bytes of
+framing per frame are not included), which counts every hop once in each
+direction. The payload is
+what split learning has to move: activations (raw images on the first hop),
+gradients and labels. ``pipeline.csv`` (in ``--out``) has the columns
+``mode, samples_per_s, wire_bytes_per_sample, payload_bytes_per_sample``;
+the table, the ratios to ``single-process`` and the framing overhead
+``(wire - payload) / wire`` go to standard output.
+
+Batch norm takes its statistics per micro-batch (as in GPipe), so
+``split-microbatch`` trains a slightly different model than the other two
+modes; the work per sample is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import multiprocessing.connection
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench._common import (
+    Servers,
+    render_table,
+    serve_broker,
+    stop_event_on_sigterm,
+    write_csv,
+)
+from sparse_zmq.master import Master
+from sparse_zmq.stage import StageRuntime
+from stages.data import Dataset, batches, load_dataset
+from stages.models import build_model
+from stages.source import TrainingSource
+from stages.training import Optimizer, SplitTrainingStage, build_partition
+
+__all__ = ["COLUMNS", "MODES", "Row", "Settings", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("mode", "samples_per_s", "wire_bytes_per_sample", "payload_bytes_per_sample")
+MODES = ("single-process", "split", "split-microbatch")
+
+MODEL = "vgg11"
+BATCH_SIZE = 32
+SPLIT = [15]
+"""Cut after the third pooling layer: both partitions then hold about half of
+VGG-11's multiply-adds at 32x32 (77 M and 76 M per sample), and the activation
+sent is 256x4x4 floats (16 KiB) per sample."""
+
+OPTIMIZER = Optimizer(lr=0.01, momentum=0.9, weight_decay=5e-4)
+TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much each mode trains.
+
+    Attributes:
+        warm_batches: Untimed mini-batches first.
+        timed_batches: Mini-batches timed.
+        micro_batches: Micro-batches per mini-batch in ``split-microbatch``.
+    """
+
+    warm_batches: int
+    timed_batches: int
+    micro_batches: int
+
+
+QUICK = Settings(warm_batches=1, timed_batches=4, micro_batches=4)
+FULL = Settings(warm_batches=5, timed_batches=40, micro_batches=8)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One mode's result."""
+
+    mode: str
+    samples_per_s: float
+    wire_bytes_per_sample: float
+    payload_bytes_per_sample: float
+
+    @property
+    def framing_overhead(self) -> float | None:
+        """Share of the wire bytes that is not payload (None without a wire)."""
+        if not self.wire_bytes_per_sample:
+            return None
+        return 1.0 - self.payload_bytes_per_sample / self.wire_bytes_per_sample
+
+    def row(self) -> list[object]:
+        """The row as written to the CSV."""
+        return [
+            self.mode,
+            round(self.samples_per_s, 3),
+            round(self.wire_bytes_per_sample, 1),
+            round(self.payload_bytes_per_sample, 1),
+        ]
+
+
+def _dataset() -> Dataset:
+    return load_dataset(None, train=True)
+
+
+def _threads() -> int:
+    return os.cpu_count() or 1
+
+
+# One process per mode or stage.
+
+
+def _train_single_process(
+    conn: multiprocessing.connection.Connection, settings: Settings
+) -> None:
+    """Train the unsplit model with every thread; send back samples per second."""
+    torch.set_num_threads(_threads())
+    data = _dataset()
+    model = build_model(MODEL, seed=0)
+    optimizer = OPTIMIZER.build(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    total = settings.warm_batches + settings.timed_batches
+    done = 0
+    started = 0.0
+    epoch = 0
+    while done < total:
+        for images, labels in batches(data, BATCH_SIZE, shuffle=True, seed=epoch):
+            if done == settings.warm_batches:
+                started = time.perf_counter()
+            if done >= total:
+                break
+            loss_fn(model(images), labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+        epoch += 1
+    conn.send(settings.timed_batches * BATCH_SIZE / (time.perf_counter() - started))
+    conn.close()
+
+
+class _ByteCounter:
+    """Stands in for a monitor client: adds up the bytes of every task record."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.totals = {"tasks": 0, "bytes_in": 0, "bytes_out": 0}
+
+    def task(
+        self,
+        task_id: object,
+        op: str,
+        batch_size: int,
+        start: float,
+        end: float,
+        bytes_in: int,
+        bytes_out: int,
+        **fields: Any,
+    ) -> bool:
+        """Count one task's bytes (its other fields are not needed here)."""
+        self.totals["tasks"] += 1
+        self.totals["bytes_in"] += bytes_in
+        self.totals["bytes_out"] += bytes_out
+        return True
+
+    def close(self, linger_s: float = 0.0) -> None:
+        """Write the totals as JSON for the benchmark to read."""
+        self.path.write_text(json.dumps(self.totals), encoding="utf-8")
+
+
+def _serve_stage(
+    conn: multiprocessing.connection.Connection,
+    backend: str,
+    next_frontend: str | None,
+    index: int,
+    threads: int,
+    slots: int,
+    totals: str,
+) -> None:
+    """Serve one partition as a worker of ``backend`` until SIGTERM.
+
+    On the way out the stage writes its byte totals to the file ``totals``.
+    """
+    torch.set_num_threads(threads)
+    stop = stop_event_on_sigterm()
+    module = build_partition(MODEL, SPLIT, index, seed=0)
+    stage = SplitTrainingStage(
+        module, last=index == len(SPLIT), optimizer=OPTIMIZER, name=f"partition-{index}"
+    )
+    counter = _ByteCounter(Path(totals))
+    runtime = StageRuntime(
+        stage,
+        backend,
+        next_frontend=next_frontend,
+        node=f"stage-{index}",
+        slots=slots,
+        monitor=counter,
+    )  # type: ignore[arg-type]
+    conn.send(True)
+    conn.close()
+    try:
+        runtime.run(stop)
+    finally:
+        runtime.close()
+
+
+def _train_split(
+    settings: Settings, *, micro_batches: int, threads: int, folder: Path
+) -> tuple[float, dict[str, int]]:
+    """Run the two-stage pipeline.
+
+    Returns:
+        Samples per second over the timed mini-batches, and the stages' byte
+        totals over all mini-batches (untimed ones included).
+    """
+    torch.set_num_threads(1)  # the source only slices data
+    data = _dataset()
+    stages = len(SPLIT) + 1
+    totals = [folder / f"stage-{i}.json" for i in range(stages)]
+    with Servers() as servers:
+        brokers = servers.start_all(
+            [(f"broker-{i}", serve_broker, f"broker-{i}") for i in range(stages)]
+        )
+        servers.start_all(
+            [
+                (
+                    f"stage-{i}",
+                    _serve_stage,
+                    brokers[i][1],
+                    brokers[i + 1][0] if i + 1 < stages else None,
+                    i,
+                    threads,
+                    micro_batches,
+                    str(totals[i]),
+                )
+                for i in range(stages)
+            ]
+        )
+        with Master(
+            brokers[0][0], name="bench-source", task_timeout_s=TIMEOUT_S
+        ) as master:
+            source = TrainingSource(
+                master,
+                optimizer=OPTIMIZER,
+                micro_batches=micro_batches,
+                timeout_s=TIMEOUT_S,
+            )
+            warm = source.train(
+                data, batch_size=BATCH_SIZE, batches_total=settings.warm_batches, seed=0
+            )
+            report = source.train(
+                data,
+                batch_size=BATCH_SIZE,
+                batches_total=settings.timed_batches,
+                seed=1,
+            )
+        failed = warm.failed_batches + report.failed_batches
+        if failed:
+            raise RuntimeError(
+                f"{failed} mini-batches failed in the pipeline; see the log"
+            )
+    counted = {"tasks": 0, "bytes_in": 0, "bytes_out": 0}
+    for path in totals:
+        for key, value in json.loads(path.read_text(encoding="utf-8")).items():
+            counted[key] += value
+    return report.samples_per_s, counted
+
+
+def _payload_bytes_per_sample(micro_batches: int) -> float:
+    """Activations, gradients and labels that split learning moves, per sample.
+
+    Hop 0 carries the images and labels in, and only the loss back (raw data
+    needs no gradient); every later hop carries an activation and the labels
+    in, and the activation's gradient back.
+    """
+    del micro_batches  # the sum over micro-batches equals that of the mini-batch
+    with torch.no_grad():
+        sample = torch.zeros(1, 3, 32, 32)
+        label_bytes = torch.zeros(1, dtype=torch.int64).element_size()
+        total = sample.numel() * sample.element_size() + label_bytes
+        x = sample
+        for index in range(len(SPLIT)):
+            x = build_partition(MODEL, SPLIT, index, seed=0).eval()(x)
+            total += 2 * x.numel() * x.element_size() + label_bytes
+    return float(total)
+
+
+def run(settings: Settings, modes: Sequence[str] = MODES) -> list[Row]:
+    """Measure every mode in turn.
+
+    Returns:
+        One :class:`Row` per mode, in the order of ``modes``.
+    """
+    rows = []
+    payload = _payload_bytes_per_sample(settings.micro_batches)
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        for mode in modes:
+            if mode == "single-process":
+                with Servers() as servers:
+                    rate = servers.start(
+                        "single-process", _train_single_process, settings
+                    )
+                rows.append(Row(mode, rate, 0.0, 0.0))
+                continue
+            micro = 1 if mode == "split" else settings.micro_batches
+            threads = (
+                _threads()
+                if mode == "split"
+                else max(1, _threads() // (len(SPLIT) + 1))
+            )
+            folder = Path(tmp) / mode
+            folder.mkdir()
+            rate, counted = _train_split(
+                settings, micro_batches=micro, threads=threads, folder=folder
+            )
+            samples = (settings.warm_batches + settings.timed_batches) * BATCH_SIZE
+            wire = (counted["bytes_in"] + counted["bytes_out"]) / samples
+            rows.append(Row(mode, rate, wire, payload))
+            logger.info(
+                "%s: %.1f samples/s, %d tasks counted", mode, rate, counted["tasks"]
+            )
+    return rows
+
+
+def render(rows: Sequence[Row]) -> str:
+    """The table, the ratios to ``single-process`` and the framing overhead."""
+    table = render_table(
+        ("mode", "samples/s", "wire B/sample", "payload B/sample"),
+        [
+            (
+                r.mode,
+                r.samples_per_s,
+                r.wire_bytes_per_sample,
+                r.payload_bytes_per_sample,
+            )
+            for r in rows
+        ],
+    )
+    lines = [table, ""]
+    single = next((r.samples_per_s for r in rows if r.mode == "single-process"), None)
+    for r in rows:
+        if r.mode == "single-process":
+            continue
+        if single:
+            ratio = r.samples_per_s / single
+            verdict = "met" if ratio >= 0.9 else "MISSED"
+            lines.append(
+                f"{r.mode}/single-process: {ratio:.2f} (goal >= 0.9: {verdict})"
+            )
+        overhead = r.framing_overhead
+        if overhead is not None:
+            verdict = "met" if overhead < 0.02 else "MISSED"
+            lines.append(
+                f"{r.mode} framing overhead: {100 * overhead:.3f}% of the wire bytes "
+                f"(goal < 2%: {verdict})"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: measure, print the table, write ``pipeline.csv``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few mini-batches and 4 micro-batches (about a minute)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("."), help="folder for pipeline.csv"
+    )
+    parser.add_argument("--log-level", default="WARNING", help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    rows = run(QUICK if args.quick else FULL)
+    path = write_csv(args.out / "pipeline.csv", COLUMNS, [r.row() for r in rows])
+    sys.stdout.write(render(rows) + f"\n\nwrote {path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
