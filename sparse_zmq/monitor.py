@@ -73,7 +73,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, ModuleType, TracebackType
 from typing import Any
@@ -166,6 +166,9 @@ on Linux and 104 on macOS including the terminating NUL; 100 leaves a margin."""
 
 _POLL_MS = 100
 """How long one poll of the server waits, which bounds how late it sees ``stop``."""
+
+_RUN_FILE_EVERY_S = 10.0
+"""Longest time between two writes of ``run.json`` while the monitor runs."""
 
 _DRAIN_MAX = 10_000
 """Most records handled between two checks of ``stop`` (and on the final drain)."""
@@ -710,11 +713,15 @@ class _RunFile:
         self.gpu: GpuSampler | None = None
         self._lock = threading.Lock()
         self._seen = (-1, -1)
+        self._written = time.monotonic()
         previous = self._read_previous()
         self._earlier_processes: dict[int, dict[str, Any]] = {}
-        for info in processes_from_json(previous.get("processes") or []):
-            if not registry.restore(info):
-                self._earlier_processes[info.pid] = {**asdict(info), "running": False}
+        for earlier in processes_from_json(previous.get("processes") or []):
+            if not registry.restore(earlier):
+                self._earlier_processes[earlier.pid] = {
+                    **asdict(earlier),
+                    "running": False,
+                }
 
         now = time.time()
         info = dict(run_info or {})
@@ -728,7 +735,9 @@ class _RunFile:
         start = previous.get("start_time")
         if not isinstance(start, (int, float)):
             start = now
-        sessions = [s for s in previous.get("monitor_sessions") or [] if isinstance(s, dict)]
+        sessions = [
+            s for s in previous.get("monitor_sessions") or [] if isinstance(s, dict)
+        ]
         sessions.append({"pid": os.getpid(), "start_time": now, "end_time": None})
         earlier_missing = [
             m for m in previous.get("missing") or [] if isinstance(m, dict)
@@ -746,7 +755,7 @@ class _RunFile:
             "end_utc": None,
             "monitor_sessions": sessions,
             "missing": earlier_missing,
-            "gpu_energy": previous.get("gpu_energy") or {},
+            "gpu_energy": _energy_over_sessions(sessions),
             "processes": [],
         }
 
@@ -761,9 +770,15 @@ class _RunFile:
         return previous if isinstance(previous, dict) else {}
 
     def refresh(self, *, force: bool = False) -> None:
-        """Rewrite the file if missing metrics or registered processes changed."""
+        """Rewrite the file if something in it changed, or every little while.
+
+        Missing metrics and registered processes are written as soon as they
+        change; the GPU energy so far every :data:`_RUN_FILE_EVERY_S`, so a
+        killed monitor leaves it at most that stale.
+        """
         seen = (self.missing.changes, self.registry.changes)
-        if not force and seen == self._seen:
+        due = time.monotonic() >= self._written + _RUN_FILE_EVERY_S
+        if not force and not due and seen == self._seen:
             return
         self._seen = seen
         self.write()
@@ -771,6 +786,7 @@ class _RunFile:
     def write(self, *, end_time: float | None = None) -> None:
         """Write the file atomically; ``end_time`` marks a clean stop."""
         with self._lock:
+            self._written = time.monotonic()
             data = self.data
             missing = {(m.get("metric"), m.get("where")): m for m in data["missing"]}
             for item in self.missing.as_list():
@@ -784,7 +800,8 @@ class _RunFile:
             if self.gpu is not None:
                 data["host"]["gpus"] = self.gpu.describe()
                 data["versions"]["nvml-driver"] = self.gpu.driver_version
-                data["gpu_energy"].update(self.gpu.energy())
+                data["monitor_sessions"][-1]["gpu_energy"] = self.gpu.energy()
+                data["gpu_energy"] = _energy_over_sessions(data["monitor_sessions"])
             if end_time is not None:
                 data["end_time"] = end_time
                 data["end_utc"] = _utc(end_time)
@@ -797,8 +814,31 @@ class _RunFile:
                 logger.warning("could not write %s: %s", self.path, exc)
 
 
+def _energy_over_sessions(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """GPU energy per device summed over monitor sessions (a killed one counts
+    up to its last write of ``run.json``)."""
+    total: dict[str, dict[str, Any]] = {}
+    for session in sessions:
+        energy = session.get("gpu_energy")
+        if not isinstance(energy, dict):
+            continue
+        for device, figures in energy.items():
+            if not isinstance(figures, dict) or "energy_j" not in figures:
+                continue
+            entry = total.setdefault(device, {"energy_j": 0.0, "method": set()})
+            entry["energy_j"] += float(figures["energy_j"])
+            entry["method"].add(str(figures.get("method")))
+    return {
+        device: {
+            "energy_j": round(entry["energy_j"], 3),
+            "method": " and ".join(sorted(entry["method"])),
+        }
+        for device, entry in total.items()
+    }
+
+
 def _utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
 
 
 class _Sampling:
@@ -854,7 +894,7 @@ class _Sampling:
         self.samples += 1
 
     def run(self, stop: threading.Event, on_tick: Callable[[], None]) -> None:
-        """Sample every ``interval_s`` until ``stop`` is set (late ticks are skipped)."""
+        """Sample every ``interval_s`` until ``stop`` is set; late ticks are skipped."""
         due = time.monotonic()
         while not stop.is_set():
             self.sample_once()
@@ -1085,10 +1125,17 @@ class MonitorServer:
             return False
         if record_type is HELLO_RECORD:
             pid, node, stage, role = row
-            if self.registry.register(int(pid), node, stage, role):
+            # A client inside the monitor's own process (tests) keeps it "monitor".
+            if int(pid) != os.getpid() and self.registry.register(
+                int(pid), node, stage, role
+            ):
                 logger.info(
                     "monitor for %s: sampling process %s (%s/%s, %s)",
-                    self.out_dir, pid, node, stage, role,
+                    self.out_dir,
+                    pid,
+                    node,
+                    stage,
+                    role,
                 )
             return True
         self._files[record_type.name].write(row)
@@ -1099,7 +1146,12 @@ class MonitorServer:
     def _register_sender(self, record: Mapping[str, Any]) -> None:
         # A record's pid lets a restarted monitor sample senders it never greeted.
         pid = record.get("pid")
-        if type(pid) is not int or pid <= 0 or self.registry.known(pid):
+        if (
+            type(pid) is not int
+            or pid <= 0
+            or pid == os.getpid()
+            or self.registry.known(pid)
+        ):
             return
         names = [record.get(key) for key in ("node", "stage", "role")]
         if all(isinstance(name, str) for name in names):

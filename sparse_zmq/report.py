@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import itertools
 import json
 import logging
 import math
@@ -106,7 +107,7 @@ class Series:
         points.append((end, self.at(end)))
         return sum(
             0.5 * (v0 + v1) * (t1 - t0)
-            for (t0, v0), (t1, v1) in zip(points, points[1:], strict=False)
+            for (t0, v0), (t1, v1) in itertools.pairwise(points)
         )
 
 
@@ -369,11 +370,15 @@ def build_report(folder: Path | str) -> RunReport:
         stages.append(figures)
 
     report = RunReport(folder, run, stages)
-    others = sorted(key for key in cpu if key not in {(s.node, s.stage) for s in stages})
+    others = sorted(
+        key for key in cpu if key not in {(s.node, s.stage) for s in stages}
+    )
     if others:
         report.notes.append(
             "processes without tasks, mean CPU %: "
-            + ", ".join(f"{node}/{stage} {cpu[(node, stage)]:.1f}" for node, stage in others)
+            + ", ".join(
+                f"{node}/{stage} {cpu[(node, stage)]:.1f}" for node, stage in others
+            )
         )
     _explain_gaps(report, devices, gpu_rows, host_rows, interval)
     _run_energy(report, devices)
@@ -403,7 +408,7 @@ def _median_step(host_rows: Sequence[Mapping[str, str]]) -> float | None:
     times = sorted(
         {t for r in host_rows if r["scope"] == "machine" and (t := _number(r["time"]))}
     )
-    steps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(times)]
     return percentile(steps, 50)
 
 
@@ -416,7 +421,9 @@ def _group_tasks(
     return groups
 
 
-def _task_windows(rows: Sequence[Mapping[str, str]], figures: StageFigures) -> list[_Task]:
+def _task_windows(
+    rows: Sequence[Mapping[str, str]], figures: StageFigures
+) -> list[_Task]:
     tasks = []
     for row in rows:
         if row["status"] != "ok":
@@ -518,7 +525,10 @@ def _gpu_figures(
         if power_devices and length > 0 and None not in powers:
             power_sum += sum(p for p in powers if p is not None)
             power_time += length
-        parts = [window_energy(task.start, task.end, d.counter, d.power) for d in power_devices]
+        parts = [
+            window_energy(task.start, task.end, d.counter, d.power)
+            for d in power_devices
+        ]
         if not power_devices:
             continue
         if None in parts:
@@ -545,7 +555,9 @@ def _explain_gaps(
     missing = [m for m in report.run.get("missing") or [] if isinstance(m, dict)]
     reasons = {str(m.get("metric")): str(m.get("reason")) for m in missing}
     if not (report.folder / "gpu.csv").is_file():
-        report.unavailable.append("GPU %, power, J/sample (no gpu.csv: sampling was off)")
+        report.unavailable.append(
+            "GPU %, power, J/sample (no gpu.csv: sampling was off)"
+        )
     elif not gpu_rows:
         why = reasons.get("gpu", "no GPU rows in gpu.csv")
         report.unavailable.append(f"GPU %, power, J/sample ({why})")
@@ -574,7 +586,9 @@ def _explain_gaps(
     for metric, places in partial.items():
         report.notes.append(f"{metric} missing on " + "; ".join(places))
 
-    short = sum(s.short_windows for s in report.stages if s.energy_per_sample_j is not None)
+    short = sum(
+        s.short_windows for s in report.stages if s.energy_per_sample_j is not None
+    )
     windows = sum(s.tasks for s in report.stages if s.energy_per_sample_j is not None)
     if short and interval is not None:
         report.notes.append(

@@ -7,9 +7,10 @@ file; a value the machine cannot provide is an empty cell, never ``0``.
 
 * :class:`GpuSampler` reads every GPU through NVML (the ``pynvml`` module of
   the nvidia-ml-py package), one row per device per sample, identified by
-  index and UUID (:data:`GPU_COLUMNS`). Power draw is what NVML reports, which
-  on recent GPUs is already an average over about a second (NVML API
-  reference, ``nvmlDeviceGetPowerUsage``); the total-energy counter
+  index and UUID (:data:`GPU_COLUMNS`). Power draw is what NVML reports,
+  which on Ampere (except GA100) and newer GPUs is already an average over
+  one second (NVML API reference, ``nvmlDeviceGetPowerUsage``); the
+  total-energy counter
   (``nvmlDeviceGetTotalEnergyConsumption``, Volta and later) is the better
   source for energy, and :class:`EnergyMeter` uses it where present and
   integrates the power series otherwise.
@@ -53,7 +54,9 @@ import psutil
 __all__ = [
     "GPU_COLUMNS",
     "HOST_COLUMNS",
+    "MAX_PLAUSIBLE_BYTES_PER_S",
     "NET_COLUMNS",
+    "NET_EVENTS",
     "EnergyMeter",
     "GpuSampler",
     "HostSampler",
@@ -64,6 +67,9 @@ __all__ = [
     "ProcessRegistry",
     "describe_host",
     "package_versions",
+    "processes_from_json",
+    "read_link_speeds",
+    "read_net_counters",
 ]
 
 logger = logging.getLogger(__name__)
@@ -355,7 +361,9 @@ class GpuSampler:
         try:
             self._find_devices(nvml)
         except nvml.NVMLError as exc:
-            missing.add("gpu", "this machine", f"listing devices failed: {_nvml_reason(exc)}")
+            missing.add(
+                "gpu", "this machine", f"listing devices failed: {_nvml_reason(exc)}"
+            )
         if not self.devices and "gpu" not in missing:
             missing.add("gpu", "this machine", "NVML reports no devices")
         logger.info(
@@ -544,7 +552,9 @@ def _power(nvml: ModuleType, handle: Any) -> dict[str, float | int]:
 
 def _energy(nvml: ModuleType, handle: Any) -> dict[str, float | int]:
     # NVML reports millijoules since the driver was last loaded.
-    return {"energy_counter_j": nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0}
+    return {
+        "energy_counter_j": nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+    }
 
 
 def _temperature(nvml: ModuleType, handle: Any) -> dict[str, float | int]:
@@ -553,10 +563,14 @@ def _temperature(nvml: ModuleType, handle: Any) -> dict[str, float | int]:
 
 
 def _sm_clock(nvml: ModuleType, handle: Any) -> dict[str, float | int]:
-    return {"sm_clock_mhz": int(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))}
+    return {
+        "sm_clock_mhz": int(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))
+    }
 
 
-_GPU_QUERIES: tuple[tuple[str, Callable[[ModuleType, Any], dict[str, float | int]]], ...] = (
+_GPU_QUERIES: tuple[
+    tuple[str, Callable[[ModuleType, Any], dict[str, float | int]]], ...
+] = (
     ("gpu_util_percent", _utilization),
     ("memory_used_bytes", _memory),
     ("power_w", _power),
@@ -616,7 +630,11 @@ class ProcessRegistry:
         """Add or rename a process; returns True when something changed."""
         with self._lock:
             old = self._known.get(pid)
-            if old is not None and (old.node, old.stage, old.role) == (node, stage, role):
+            if old is not None and (old.node, old.stage, old.role) == (
+                node,
+                stage,
+                role,
+            ):
                 return False
         try:
             create_time: float | None = psutil.Process(pid).create_time()
@@ -696,15 +714,16 @@ class HostSampler:
 
     def sample(self, now: float) -> list[list[str]]:
         """The machine row, then one row per registered process still running."""
-        rows = [self._machine_row(now)]
+        memory = psutil.virtual_memory()
+        rows = [self._machine_row(now, memory.total - memory.available, memory.percent)]
         clock = time.monotonic()
         for info in self.registry.snapshot():
-            row = self._process_row(now, clock, info)
+            row = self._process_row(now, clock, info, memory.total)
             if row is not None:
                 rows.append(row)
         return rows
 
-    def _machine_row(self, now: float) -> list[str]:
+    def _machine_row(self, now: float, used: int, percent: float) -> list[str]:
         times = psutil.cpu_times()
         idle = times.idle + getattr(times, "iowait", 0.0)
         total = sum(times)
@@ -716,7 +735,6 @@ class HostSampler:
                 busy = spent - (idle - last_idle)
                 cpu_percent = min(100.0, max(0.0, 100.0 * busy / spent))
         self._machine_last = (now, idle, total)
-        memory = psutil.virtual_memory()
         return [
             _time_cell(now),
             self.node,
@@ -726,13 +744,13 @@ class HostSampler:
             "",
             _cell(cpu_percent, 1),
             "",
-            str(memory.total - memory.available),
-            _cell(memory.percent, 1),
+            str(used),
+            _cell(percent, 1),
             "",
         ]
 
     def _process_row(
-        self, now: float, clock: float, info: ProcessInfo
+        self, now: float, clock: float, info: ProcessInfo, memory_total: int
     ) -> list[str] | None:
         try:
             proc = self._handle(info)
@@ -762,7 +780,6 @@ class HostSampler:
             used = max(0.0, cpu_time - last[1])
             cpu_percent = min(100.0, 100.0 * used / (clock - last[0]) / self.cores)
         self._process_last[info.pid] = (clock, cpu_time)
-        total = psutil.virtual_memory().total
         return [
             _time_cell(now),
             info.node,
@@ -773,7 +790,7 @@ class HostSampler:
             _cell(cpu_percent, 1),
             _cell(cpu_time, 3),
             str(rss),
-            _cell(100.0 * rss / total if total else None, 2),
+            _cell(100.0 * rss / memory_total if memory_total else None, 2),
             str(threads),
         ]
 
@@ -781,7 +798,10 @@ class HostSampler:
         proc = self._handles.get(info.pid)
         if proc is None:
             proc = psutil.Process(info.pid)
-            if info.create_time is not None and abs(proc.create_time() - info.create_time) > 0.01:
+            if (
+                info.create_time is not None
+                and abs(proc.create_time() - info.create_time) > 0.01
+            ):
                 raise psutil.NoSuchProcess(info.pid)  # the pid was reused
             self._handles[info.pid] = proc
         elif not proc.is_running():
@@ -881,7 +901,13 @@ class NetSampler:
     ) -> list[str]:
         previous = self._last.get(name)
         self._last[name] = (clock, counters)
-        raw = [_time_cell(now), self.node, name, str(counters.bytes_sent), str(counters.bytes_recv)]
+        raw = [
+            _time_cell(now),
+            self.node,
+            name,
+            str(counters.bytes_sent),
+            str(counters.bytes_recv),
+        ]
         if previous is None:
             return [*raw, "", "", "", "new"]
         dt = clock - previous[0]
@@ -889,8 +915,12 @@ class NetSampler:
             return [*raw, "", "", "", "reset"]
 
         limit = self._limit(name)
-        sent, sent_event = _counter_delta(previous[1].bytes_sent, counters.bytes_sent, dt, limit)
-        recv, recv_event = _counter_delta(previous[1].bytes_recv, counters.bytes_recv, dt, limit)
+        sent, sent_event = _counter_delta(
+            previous[1].bytes_sent, counters.bytes_sent, dt, limit
+        )
+        recv, recv_event = _counter_delta(
+            previous[1].bytes_recv, counters.bytes_recv, dt, limit
+        )
         # The more serious of the two directions' events names the row.
         event = max(sent_event, recv_event, key=_EVENT_RANK.__getitem__)
         if sent is None or recv is None:

@@ -8,7 +8,10 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -53,6 +56,14 @@ def _complete_rows(path: Path) -> int:
         return max(0, path.read_bytes().count(b"\n") - 1)
     except FileNotFoundError:
         return 0
+
+
+def _holds(path: Path, text: bytes) -> bool:
+    """Whether ``path`` exists and contains ``text``."""
+    try:
+        return text in path.read_bytes()
+    except FileNotFoundError:
+        return False
 
 
 def _read_tasks(path: Path) -> list[dict[str, str]]:
@@ -132,8 +143,8 @@ def _send_from_process(endpoint: str, node: str, count: int, results: Any) -> No
     client.close(linger_s=DEADLINE_S)
 
 
-def _serve_in_process(out_dir: str, endpoint: str) -> None:
-    serve(Path(out_dir), endpoint)
+def _serve_in_process(out_dir: str, endpoint: str, interval_s: float = 0.25) -> None:
+    serve(Path(out_dir), endpoint, sample_interval_s=interval_s)
 
 
 # --- tests -----------------------------------------------------------------------
@@ -374,6 +385,73 @@ def test_second_monitor_on_a_busy_folder_or_endpoint_is_refused(tmp_path: Path) 
             MonitorServer(tmp_path / "two", endpoint)
 
 
+class _Steady:
+    """A client that keeps sending task records from a thread until stopped.
+
+    It stands for the pipeline: if a send ever blocked, ``sent`` would stop
+    growing, so tests wait on its progress (with a deadline), never on time.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.client = MonitorClient(
+            endpoint, node="steady", stage="stage-9", role="worker"
+        )
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        tick = threading.Event()
+        while not self._stop.is_set():
+            _send(self.client, f"steady-{self.sent}")
+            self.sent += 1
+            if self.sent % 10 == 0:
+                tick.wait(0.001)  # a pipeline's pace, not a flood
+
+    def progressed_by(self, count: int, what: str) -> None:
+        target = self.sent + count
+        _wait_for(lambda: self.sent >= target, what)
+
+    def landed_after(self, path: Path, index: int) -> bool:
+        """Whether a record numbered ``index`` or later is in ``path``.
+
+        Any later record will do: one given record may be dropped while the
+        client's queue is full, which is the point of never blocking.
+        """
+        numbers = re.findall(rb",steady-(\d+),", path.read_bytes())
+        return any(int(n) >= index for n in numbers)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=DEADLINE_S)
+        assert not self._thread.is_alive(), "the sending thread blocked"
+        self.client.close()
+
+
+def _end(process: Any) -> None:
+    """Join a spawned monitor; one a failed wait left running is killed first."""
+    process.join(timeout=DEADLINE_S)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=DEADLINE_S)
+
+
+def _read_strict(path: Path) -> list[dict[str, str]]:
+    """Parse any monitor CSV: one header, every row as wide as the header."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    header = reader.fieldnames
+    assert header, f"{path.name} has no header"
+    assert path.read_bytes().count(",".join(header).encode()) == 1, (
+        f"two headers in {path.name}"
+    )
+    for row in rows:
+        assert None not in row and None not in row.values(), f"{path.name}: {row}"
+    return rows
+
+
 @pytest.mark.slow
 def test_killed_monitor_restarts_on_the_same_folder_and_the_csv_still_parses(
     tmp_path: Path,
@@ -381,14 +459,17 @@ def test_killed_monitor_restarts_on_the_same_folder_and_the_csv_still_parses(
     endpoint = default_endpoint(tmp_path)
     tasks = tmp_path / "tasks.csv"
     client = MonitorClient(endpoint, node="edge", stage="source", role="source")
+    steady = _Steady(endpoint)
     with client:
         # Queued before the monitor exists; they arrive once it binds.
         for i in range(100):
             _send(client, f"warm-{i}")
-        first = SPAWN.Process(target=_serve_in_process, args=(str(tmp_path), endpoint))
+        first = SPAWN.Process(
+            target=_serve_in_process, args=(str(tmp_path), endpoint, 0.02)
+        )
         first.start()
         try:
-            _wait_for(lambda: _complete_rows(tasks) >= 100, "first monitor's rows")
+            _wait_for(lambda: _holds(tasks, b",warm-99,"), "first monitor's rows")
             # Kill it while the burst is still being sent and written.
             assert first.pid is not None
             killed = False
@@ -401,18 +482,29 @@ def test_killed_monitor_restarts_on_the_same_folder_and_the_csv_still_parses(
                 _wait_for(lambda: _complete_rows(tasks) >= 200, "the burst to land")
                 os.kill(first.pid, signal.SIGKILL)
         finally:
-            first.join(timeout=DEADLINE_S)
+            _end(first)
         assert first.exitcode == -signal.SIGKILL
 
-        second = SPAWN.Process(target=_serve_in_process, args=(str(tmp_path), endpoint))
+        # No monitor at all now: the pipeline's sends go on regardless.
+        steady.progressed_by(5_000, "sends while the monitor is dead")
+
+        second = SPAWN.Process(
+            target=_serve_in_process, args=(str(tmp_path), endpoint, 0.02)
+        )
         second.start()
         try:
             for i in range(100):
                 _send(client, f"after-{i}")
             _wait_for(lambda: b",after-99," in tasks.read_bytes(), "rows after restart")
+            restarted_at = steady.sent
+            _wait_for(
+                lambda: steady.landed_after(tasks, restarted_at),
+                "the steady sender's records after the restart",
+            )
             second.terminate()  # SIGTERM: serve() stops cleanly
         finally:
-            second.join(timeout=DEADLINE_S)
+            _end(second)
+            steady.stop()
     assert second.exitcode == 0
 
     rows = _read_tasks(tasks)
@@ -421,6 +513,20 @@ def test_killed_monitor_restarts_on_the_same_folder_and_the_csv_still_parses(
     assert len(ids) == len(set(ids)), "a record landed twice"
     assert {f"warm-{i}" for i in range(100)} <= set(ids)
     assert {f"after-{i}" for i in range(100)} <= set(ids)
+    for name in ("host.csv", "net.csv", "gpu.csv"):
+        _read_strict(tmp_path / name)
+    host = _read_strict(tmp_path / "host.csv")
+    # Both clients live in this process: it is sampled under one of their names.
+    assert any(
+        row["pid"] == str(os.getpid()) and row["stage"] in {"stage-9", "source"}
+        for row in host
+    ), "senders are sampled"
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert len(run["monitor_sessions"]) == 2
+    assert run["monitor_sessions"][0]["end_time"] is None, (
+        "the killed session never ended"
+    )
+    assert run["end_time"] == run["monitor_sessions"][1]["end_time"] is not None
     summary = json.loads((tmp_path / "monitor.json").read_text())
     assert summary["records_written"] >= 100
     assert summary["malformed"] == 0
@@ -462,3 +568,177 @@ def test_client_refuses_values_of_the_wrong_type(tmp_path: Path) -> None:
         pytest.raises(ProtocolError, match="wrong type"),
     ):
         _send(client, "t", batch_size="many")
+
+
+# --- sampling, registration and run.json -------------------------------------------
+
+
+def test_every_sampled_csv_is_repaired_and_appended_on_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = default_endpoint(tmp_path)
+    names = ("gpu.csv", "host.csv", "net.csv")
+    with _running_server(tmp_path, endpoint, sample_interval_s=0.02):
+        _wait_for(lambda: _complete_rows(tmp_path / "host.csv") >= 3, "host rows")
+    before = {name: _complete_rows(tmp_path / name) for name in names}
+    for name in names:
+        with (tmp_path / name).open("ab") as fh:
+            fh.write(b"1796400000.123456,vm,half-writ")
+
+    caplog.set_level(logging.WARNING, logger="sparse_zmq.monitor")
+    with _running_server(tmp_path, endpoint, sample_interval_s=0.02):
+        _wait_for(
+            lambda: _complete_rows(tmp_path / "host.csv") >= before["host.csv"] + 3,
+            "host rows after the restart",
+        )
+    repaired = {
+        r.getMessage().split()[0]
+        for r in caplog.records
+        if "half-written" in r.getMessage()
+    }
+    assert repaired == {str(tmp_path / name) for name in names}
+    for name in names:
+        rows = _read_strict(tmp_path / name)
+        assert all("half-writ" not in ",".join(row.values()) for row in rows)
+    assert _complete_rows(tmp_path / "net.csv") > before["net.csv"]
+
+
+def test_hello_registers_processes_for_host_sampling(tmp_path: Path) -> None:
+    endpoint = default_endpoint(tmp_path)
+    results = SPAWN.Queue()
+    with _running_server(tmp_path, endpoint, sample_interval_s=0.02) as server:
+        sender = SPAWN.Process(
+            target=_send_from_process, args=(endpoint, "node-a", 10, results)
+        )
+        sender.start()
+        with MonitorClient(
+            endpoint, node="local", stage="launcher", role="launcher"
+        ) as launcher:
+            # A launcher registers a child that holds no client of its own.
+            child = subprocess.Popen(
+                [sys.executable, "-c", "import sys; sys.stdin.read()"],
+                stdin=subprocess.PIPE,
+            )
+            try:
+                assert launcher.register(
+                    child.pid, node="fog", stage="broker-fog", role="broker"
+                )
+                _wait_for(
+                    lambda: (
+                        f",{child.pid},broker-fog,broker,".encode()
+                        in (tmp_path / "host.csv").read_bytes()
+                    ),
+                    "the registered child's host rows",
+                )
+            finally:
+                child.kill()
+                child.wait(DEADLINE_S)
+            results.get(timeout=DEADLINE_S)
+            sender.join(timeout=DEADLINE_S)
+            _wait_for(
+                lambda: _complete_rows(tmp_path / "tasks.csv") == 10, "sender rows"
+            )
+            with pytest.raises(ProtocolError, match="pid"):
+                launcher.register(0)
+    assert server.stats.malformed == 0
+    assert server.stats.records_written == 10, "hello records write no task row"
+    run = json.loads((tmp_path / "run.json").read_text())
+    stages = {(p["stage"], p["role"]) for p in run["processes"]}
+    assert {
+        ("broker-fog", "broker"),
+        ("stage-1", "worker"),
+        ("monitor", "monitor"),
+    } <= stages
+    broker = next(p for p in run["processes"] if p["stage"] == "broker-fog")
+    assert broker["pid"] == child.pid and broker["running"] is False
+
+
+def test_run_json_records_the_run_and_survives_a_restart(tmp_path: Path) -> None:
+    from test_sampling import fake_nvml  # the NVML substitute, see its module docstring
+
+    nvml, _ = fake_nvml([], init_error="LibraryNotFound")
+    info = {
+        "suite": "hybrid-off-device",
+        "configuration": {"batches": 20, "model": "vgg11"},
+    }
+    endpoint = default_endpoint(tmp_path)
+    with _running_server(tmp_path, endpoint, run_info=info, nvml=nvml, node="fog"):
+        pass
+    first = json.loads((tmp_path / "run.json").read_text())
+    assert first["suite"] == "hybrid-off-device"
+    assert first["configuration"] == {"batches": 20, "model": "vgg11"}
+    assert first["node"] == "fog" and first["sample_interval_s"] == 0.25
+    assert set(first["versions"]) >= {
+        "python",
+        "torch",
+        "pyzmq",
+        "sparse-zmq",
+        "libzmq",
+    }
+    assert first["host"]["cpu_logical"] >= 1 and first["host"]["memory_total_bytes"] > 0
+    assert first["start_time"] <= first["end_time"]
+    assert first["start_utc"].endswith("+00:00")
+    assert first["missing"] == [
+        {
+            "metric": "gpu",
+            "where": "this machine",
+            "reason": "NVML init failed: NVMLError_LibraryNotFound (code 12)",
+        }
+    ]
+
+    # A restart without run info keeps the run's description and first start.
+    with _running_server(tmp_path, endpoint, nvml=nvml, node="fog"):
+        pass
+    second = json.loads((tmp_path / "run.json").read_text())
+    assert second["suite"] == first["suite"]
+    assert second["configuration"] == first["configuration"]
+    assert second["start_time"] == first["start_time"]
+    assert second["end_time"] >= first["end_time"]
+    assert len(second["monitor_sessions"]) == 2
+    assert second["missing"] == first["missing"]
+
+
+def test_monitor_refuses_a_bad_sample_interval(tmp_path: Path) -> None:
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ConfigError, match="sample interval"):
+            MonitorServer(tmp_path, default_endpoint(tmp_path), sample_interval_s=bad)
+
+
+@pytest.mark.slow
+def test_monitor_command_takes_run_info_and_stops_cleanly_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"suite": "cloudlet", "configuration": {"batches": 3}}))
+    out = tmp_path / "run"
+    cli = [sys.executable, "-m", "sparse_zmq.cli"]
+    proc = subprocess.Popen(
+        [*cli, "monitor", "--out", str(out), "--interval", "0.05", "--node", "edge",
+         "--run-info", f"@{info}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: _complete_rows(out / "host.csv") >= 2, "host rows")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE_S)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["suite"], run["configuration"], run["node"]) == (
+        "cloudlet",
+        {"batches": 3},
+        "edge",
+    )
+    assert run["end_time"] is not None
+
+    bad = subprocess.run(
+        [*cli, "monitor", "--out", str(out), "--run-info", "[1, 2]"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert bad.returncode == 2 and "JSON object" in bad.stderr

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pynvml
 import pytest
@@ -132,7 +132,7 @@ def fake_nvml(
     calls: dict[str, int] = {}
 
     class NVMLError(Exception):
-        _by_code: dict[int, type[NVMLError]] = {}
+        _by_code: ClassVar[dict[int, type[NVMLError]]] = {}
 
         def __new__(cls, value: int) -> NVMLError:
             target = cls._by_code.get(value, cls) if cls is NVMLError else cls
@@ -213,13 +213,19 @@ def fake_nvml(
         "nvmlDeviceGetMemoryInfo": simple(
             "nvmlDeviceGetMemoryInfo",
             lambda g: SimpleNamespace(
-                total=g.memory_total, used=g.memory_used, free=g.memory_total - g.memory_used
+                total=g.memory_total,
+                used=g.memory_used,
+                free=g.memory_total - g.memory_used,
             ),
         ),
         "nvmlDeviceGetPowerUsage": power,
         "nvmlDeviceGetTotalEnergyConsumption": energy,
-        "nvmlDeviceGetTemperature": simple("nvmlDeviceGetTemperature", lambda g: g.temperature),
-        "nvmlDeviceGetClockInfo": simple("nvmlDeviceGetClockInfo", lambda g: g.sm_clock),
+        "nvmlDeviceGetTemperature": simple(
+            "nvmlDeviceGetTemperature", lambda g: g.temperature
+        ),
+        "nvmlDeviceGetClockInfo": simple(
+            "nvmlDeviceGetClockInfo", lambda g: g.sm_clock
+        ),
         "nvmlDeviceGetMigMode": mig_mode,
         "nvmlDeviceGetMaxMigDeviceCount": lambda gpu: 7,
         "nvmlDeviceGetMigDeviceHandleByIndex": mig_handle,
@@ -315,7 +321,8 @@ def test_power_not_supported_leaves_power_empty_and_warns_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     gpus = [
-        FakeGpu(uuid=f"GPU-{i}", unsupported={"nvmlDeviceGetPowerUsage"}) for i in range(2)
+        FakeGpu(uuid=f"GPU-{i}", unsupported={"nvmlDeviceGetPowerUsage"})
+        for i in range(2)
     ]
     nvml, calls = fake_nvml(gpus)
     missing = MissingMetrics()
@@ -342,13 +349,17 @@ def test_energy_counter_not_supported_falls_back_to_the_power_integral() -> None
     missing = MissingMetrics()
     sampler = GpuSampler("fog", missing, nvml)
     rows = _rows(sampler, times=5)  # 1 s of samples at 150 W
-    assert all(row["energy_counter_j"] == "" and row["power_w"] == "150.000" for row in rows)
+    assert all(
+        row["energy_counter_j"] == "" and row["power_w"] == "150.000" for row in rows
+    )
     assert [m["metric"] for m in missing.as_list()] == ["energy_counter_j"]
     (energy,) = sampler.energy().values()
     assert energy == {"energy_j": 150.0, "method": "power integral", "span_s": 1.0}
 
 
-def test_everything_but_the_name_unsupported_still_writes_rows_with_empty_cells() -> None:
+def test_everything_but_the_name_unsupported_still_writes_rows_with_empty_cells() -> (
+    None
+):
     unsupported = set(_FUNCTIONS) - {"nvmlDeviceGetName"}
     nvml, _ = fake_nvml([FakeGpu(name="Orin (nvgpu)", unsupported=unsupported)])
     missing = MissingMetrics()
@@ -356,7 +367,9 @@ def test_everything_but_the_name_unsupported_still_writes_rows_with_empty_cells(
     (row,) = _rows(sampler)
     assert row["name"] == "Orin (nvgpu)" and row["index"] == "0"
     metrics = GPU_COLUMNS[GPU_COLUMNS.index("uuid") :]
-    assert all(row[c] == "" for c in metrics if c != "name"), "never 0 for a missing value"
+    assert all(row[c] == "" for c in metrics if c != "name"), (
+        "never 0 for a missing value"
+    )
     assert {m["metric"] for m in missing.as_list()} == {
         "gpu uuid",
         "gpu_util_percent",
@@ -430,7 +443,11 @@ def test_energy_meter_never_uses_a_single_reading() -> None:
     meter.add(10.0, 300.0, None)
     assert meter.result() is None
     meter.add(11.0, 100.0, None)
-    assert meter.result() == {"energy_j": 200.0, "method": "power integral", "span_s": 1.0}
+    assert meter.result() == {
+        "energy_j": 200.0,
+        "method": "power integral",
+        "span_s": 1.0,
+    }
     meter = EnergyMeter()
     for t, counter in ((0.0, 500.0), (1.0, 560.0), (2.0, 3.0), (3.0, 63.0)):
         meter.add(t, None, counter)  # the driver reloaded between 1 s and 2 s
@@ -531,12 +548,16 @@ class _FakeNet:
         )
 
 
-def _net_rows(sampler: NetSampler, net: _FakeNet, steps: list[Mapping[str, NetCounters]]):
-    rows = []
+def _net_rows(
+    sampler: NetSampler, net: _FakeNet, steps: list[Mapping[str, NetCounters]]
+) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
     for step in steps:
         net.now += 1.0
         net.counters = dict(step)
-        rows.extend(dict(zip(NET_COLUMNS, r, strict=True)) for r in sampler.sample(net.now))
+        rows.extend(
+            dict(zip(NET_COLUMNS, r, strict=True)) for r in sampler.sample(net.now)
+        )
     return rows
 
 
@@ -557,7 +578,10 @@ def test_net_rates_are_deltas_over_the_interval() -> None:
         [{"eth0": NetCounters(1_000, 5_000)}, {"eth0": NetCounters(3_000, 5_500)}],
     )
     assert rows[0]["event"] == "new" and rows[0]["sent_bytes_per_s"] == ""
-    assert (rows[1]["sent_bytes_per_s"], rows[1]["recv_bytes_per_s"]) == ("2000.0", "500.0")
+    assert (rows[1]["sent_bytes_per_s"], rows[1]["recv_bytes_per_s"]) == (
+        "2000.0",
+        "500.0",
+    )
     assert rows[1]["interval_s"] == "1.000" and rows[1]["event"] == ""
     assert (rows[1]["bytes_sent"], rows[1]["bytes_recv"]) == ("3000", "5500")
 
@@ -567,7 +591,10 @@ def test_net_counter_wrap_reset_and_vanishing_interface_give_no_absurd_rate() ->
     net.speeds = {"eth0": 1e9 / 8}  # 1 Gbit/s
     top32 = 2**32
     steps: list[Mapping[str, NetCounters]] = [
-        {"eth0": NetCounters(top32 - 1_000, 10), "wlan0": NetCounters(5_000_000, 5_000_000)},
+        {
+            "eth0": NetCounters(top32 - 1_000, 10),
+            "wlan0": NetCounters(5_000_000, 5_000_000),
+        },
         # eth0's 32-bit send counter wraps: 1000 bytes to the top, then 500.
         {"eth0": NetCounters(500, 20), "wlan0": NetCounters(6_000_000, 6_000_000)},
         # wlan0 resets (driver reload): its counters restart near zero.
@@ -637,7 +664,9 @@ def test_monitor_with_a_gpu_writes_gpu_rows_energy_and_a_report(tmp_path: Path) 
     thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        with MonitorClient(endpoint, node="cloud", stage="partition-1", role="stage") as client:
+        with MonitorClient(
+            endpoint, node="cloud", stage="partition-1", role="stage"
+        ) as client:
             # Tasks of 0.1 s (two sampling intervals) inside the sampled span.
             _wait_rows(tmp_path / "gpu.csv", 3)
             now = time.time()
@@ -659,9 +688,10 @@ def test_monitor_with_a_gpu_writes_gpu_rows_energy_and_a_report(tmp_path: Path) 
     assert run["missing"] == []
     assert run["host"]["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
     assert run["versions"]["nvml-driver"] == "550.54.15"
-    assert run["gpu_energy"]["GPU 0 (GPU-6f1c0b1e-0000-4000-8000-000000000001)"][
-        "method"
-    ] == "energy counter"
+    assert (
+        run["gpu_energy"]["GPU 0 (GPU-6f1c0b1e-0000-4000-8000-000000000001)"]["method"]
+        == "energy counter"
+    )
 
     report = build_report(tmp_path)
     (figures,) = report.stages
