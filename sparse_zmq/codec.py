@@ -42,7 +42,14 @@ import zmq
 
 from sparse_zmq.errors import ProtocolError
 
-__all__ = ["DTYPES", "ITEMSIZES", "describe", "encode_tensor", "decode_tensor", "MAX_DIMS"]
+__all__ = [
+    "DTYPES",
+    "ITEMSIZES",
+    "describe",
+    "encode_tensor",
+    "decode_tensor",
+    "MAX_DIMS",
+]
 
 # Highest rank accepted from the wire; torch itself allows 64 dimensions.
 MAX_DIMS = 64
@@ -53,7 +60,11 @@ def _dense_dtypes() -> dict[str, torch.dtype]:
     found: dict[str, torch.dtype] = {}
     for name in dir(torch):
         value = getattr(torch, name)
-        if not isinstance(value, torch.dtype) or name.startswith("q") or name == "quint4x2":
+        if (
+            not isinstance(value, torch.dtype)
+            or name.startswith("q")
+            or name == "quint4x2"
+        ):
             continue
         canonical = str(value).removeprefix("torch.")
         if canonical in found:
@@ -77,9 +88,15 @@ ITEMSIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.item
 """Bytes per element of each dtype in :data:`DTYPES`, by name."""
 
 
+_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
 def describe(tensor: torch.Tensor) -> dict[str, Any]:
     """Return the wire description of ``tensor`` (dtype name and shape)."""
-    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    return {
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+    }
 
 
 def encode_tensor(tensor: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
@@ -100,20 +117,28 @@ def encode_tensor(tensor: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
     """
     if not isinstance(tensor, torch.Tensor):
         raise ProtocolError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    name = _NAMES.get(tensor.dtype)
     if tensor.layout != torch.strided:
-        raise ProtocolError(f"only dense tensors can be sent, got layout {tensor.layout}")
-    if tensor.is_quantized:
-        raise ProtocolError(f"quantized tensors cannot be sent, got dtype {tensor.dtype}")
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ProtocolError(f"dtype {name} has no dense storage; allowed: {sorted(DTYPES)}")
+        raise ProtocolError(
+            f"only dense tensors can be sent, got layout {tensor.layout}"
+        )
+    if name is None:
+        if tensor.is_quantized:
+            raise ProtocolError(
+                f"quantized tensors cannot be sent, got dtype {tensor.dtype}"
+            )
+        raise ProtocolError(
+            f"dtype {str(tensor.dtype).removeprefix('torch.')} has no dense storage; "
+            f"allowed: {sorted(DTYPES)}"
+        )
 
     flat = tensor.detach()
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    flat = flat.resolve_conj().resolve_neg().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8)
-    return describe(tensor), memoryview(raw.numpy())
+    if flat.is_conj() or flat.is_neg() or not flat.is_contiguous():
+        flat = flat.resolve_conj().resolve_neg().contiguous()
+    raw = flat.reshape(-1).view(torch.uint8)
+    return {"dtype": name, "shape": list(tensor.shape)}, memoryview(raw.numpy())
 
 
 def decode_tensor(description: Any, buffer: Any, *, max_bytes: int) -> torch.Tensor:
@@ -135,7 +160,9 @@ def decode_tensor(description: Any, buffer: Any, *, max_bytes: int) -> torch.Ten
             or the buffer size is not ``numel * itemsize``.
     """
     if not isinstance(description, dict):
-        raise ProtocolError(f"tensor description must be an object, got {description!r:.80}")
+        raise ProtocolError(
+            f"tensor description must be an object, got {description!r:.80}"
+        )
     name = description.get("dtype")
     shape = description.get("shape")
     dtype = DTYPES.get(name) if isinstance(name, str) else None
@@ -169,14 +196,15 @@ def decode_tensor(description: Any, buffer: Any, *, max_bytes: int) -> torch.Ten
     if not expected:
         return torch.empty(shape, dtype=dtype)
 
-    raw = np.frombuffer(view, dtype=np.uint8)
-    if _is_frame(buffer) and raw.flags.writeable and raw.ctypes.data % itemsize == 0:
-        # The array keeps the memoryview, and so the frame, alive.
-        out = torch.from_numpy(raw)
+    if _is_frame(buffer) and not view.readonly:
+        # The tensor keeps the memoryview, and so the frame, alive.
+        out = torch.frombuffer(view, dtype=torch.uint8)
+        if out.data_ptr() % itemsize:
+            out = out.clone()  # misaligned for the dtype: fresh, aligned memory
     else:
         out = torch.empty(expected, dtype=torch.uint8)
-        out.numpy()[:] = raw
-    return out.view(dtype).reshape(shape)
+        out.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+    return out.view(dtype).view(shape)
 
 
 def _is_frame(buffer: Any) -> bool:
