@@ -364,7 +364,7 @@ def build_report(folder: Path | str) -> RunReport:
     for (node, stage, op), rows in sorted(_group_tasks(task_rows).items()):
         figures = StageFigures(node, stage, op)
         tasks = _task_windows(rows, figures)
-        _throughput(figures, tasks, rows)
+        _throughput(figures, tasks)
         figures.cpu_percent = cpu.get((node, stage))
         _gpu_figures(figures, tasks, devices, interval)
         stages.append(figures)
@@ -440,9 +440,7 @@ def _task_windows(
     return tasks
 
 
-def _throughput(
-    figures: StageFigures, tasks: Sequence[_Task], rows: Sequence[Mapping[str, str]]
-) -> None:
+def _throughput(figures: StageFigures, tasks: Sequence[_Task]) -> None:
     if not tasks:
         return
     figures.samples = sum(t.samples for t in tasks)
@@ -639,7 +637,7 @@ def _network(report: RunReport, rows: Iterable[Mapping[str, str]]) -> None:
     busy = [name for name in sorted(span) if sent[name] or recv[name]]
     if busy:
         report.notes.append(
-            "network: "
+            "network, all traffic of each interface: "
             + "; ".join(
                 f"{name} {sent[name] / 1e6:,.1f} MB sent, {recv[name] / 1e6:,.1f} MB "
                 f"received ({(sent[name] + recv[name]) / span[name] / 1e6:,.2f} MB/s "
