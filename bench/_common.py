@@ -122,17 +122,44 @@ class Servers:
             SparseError: A server exited, or sent nothing within
                 :data:`READY_TIMEOUT_S`.
         """
-        launched = []
-        for name, target, *args in specs:
-            ours, theirs = self._context.Pipe()
-            proc = self._context.Process(
-                target=target, args=(theirs, *args), name=name, daemon=True
-            )
-            proc.start()
-            theirs.close()
-            self._procs.append((name, proc))
-            launched.append((name, proc, ours))
-        return [self._ready(*entry) for entry in launched]
+        launched = [self._launch(name, target, args) for name, target, *args in specs]
+        values = []
+        for name, proc, conn in launched:
+            try:
+                values.append(self._ready(name, proc, conn))
+            finally:
+                conn.close()
+        return values
+
+    def start_with_pipe(
+        self, name: str, target: Callable[..., None], *args: Any
+    ) -> tuple[Any, multiprocessing.connection.Connection]:
+        """Like :meth:`start`, but keep this end of the pipe to talk to the server.
+
+        Returns:
+            The value the server sent, and the open pipe end (the caller
+            closes it).
+        """
+        name, proc, conn = self._launch(name, target, args)
+        try:
+            return self._ready(name, proc, conn), conn
+        except BaseException:
+            conn.close()
+            raise
+
+    def _launch(
+        self, name: str, target: Callable[..., None], args: Sequence[Any]
+    ) -> tuple[
+        str, multiprocessing.process.BaseProcess, multiprocessing.connection.Connection
+    ]:
+        ours, theirs = self._context.Pipe()
+        proc = self._context.Process(
+            target=target, args=(theirs, *args), name=name, daemon=True
+        )
+        proc.start()
+        theirs.close()
+        self._procs.append((name, proc))
+        return name, proc, ours
 
     @staticmethod
     def _ready(
@@ -152,8 +179,6 @@ class Servers:
                 f"server {name} (pid {proc.pid}) exited with code {proc.exitcode} "
                 "before it reported ready"
             ) from exc
-        finally:
-            conn.close()
         logger.debug("server %s (pid %d) ready: %r", name, proc.pid, value)
         return value
 

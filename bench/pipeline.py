@@ -21,11 +21,23 @@ same mini-batch size and optimizer, using the machine's whole thread budget
     through the stages back to back (GPipe; one mini-batch in flight, exact
     gradient accumulation), the thread budget divided among the stages (one
     thread each on two cores): any speed-up can only come from the stages
-    working at the same time.
+    working at the same time. The pipeline fills and drains once per
+    mini-batch, so with ``S`` stages and ``M`` micro-batches the stages idle
+    ``(S - 1) / (M + S - 1)`` of the time at best.
+``split-microbatch-2-in-flight``
+    As ``split-microbatch`` with two mini-batches in flight, which removes
+    that idle time. Not exact GPipe any more: a mini-batch may run forward
+    on weights the previous one has not updated yet (stale by one step), and
+    the intermediate stage keeps, for each backward, the weights its forward
+    used (weight stashing, enabled in this benchmark's stage processes).
 
-Throughput is the source's samples per second over the timed mini-batches,
-after a few untimed ones (thread pools and buffers warm). The pipeline's
-stages, brokers and the single-process run each have a process of their own.
+All processes of all modes are started first; then each mode trains a few
+untimed mini-batches (thread pools and buffers warm), and the modes take
+turns in rounds of timed mini-batches, so that drifts of the machine's load
+touch all modes alike. Throughput is samples per second at the source (or in
+the single process), the median over the rounds. The source runs in this
+process and only slices data; stages, brokers and the single-process run
+each have a process of their own, idle while another mode runs.
 
 Bytes: over all mini-batches, each stage adds up the frames of every task
 it receives and every reply it sends, exactly as it hands them to ZeroMQ
@@ -47,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import multiprocessing.connection
@@ -54,7 +67,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,11 +77,13 @@ from torch import nn
 
 from bench._common import (
     Servers,
+    median,
     render_table,
     serve_broker,
     stop_event_on_sigterm,
     write_csv,
 )
+from sparse_zmq.errors import ConfigError, SparseError
 from sparse_zmq.master import Master
 from sparse_zmq.stage import StageRuntime
 from stages.data import Dataset, batches, load_dataset
@@ -81,7 +96,7 @@ __all__ = ["COLUMNS", "MODES", "Row", "Settings", "main", "run"]
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("mode", "samples_per_s", "wire_bytes_per_sample", "payload_bytes_per_sample")
-MODES = ("single-process", "split", "split-microbatch")
+MODES = ("single-process", "split", "split-microbatch", "split-microbatch-2-in-flight")
 
 MODEL = "vgg11"
 BATCH_SIZE = 32
@@ -99,18 +114,25 @@ class Settings:
     """How much each mode trains.
 
     Attributes:
-        warm_batches: Untimed mini-batches first.
-        timed_batches: Mini-batches timed.
-        micro_batches: Micro-batches per mini-batch in ``split-microbatch``.
+        warm_batches: Untimed mini-batches each mode trains first.
+        rounds: Rounds over all modes; each mode's rate is the median.
+        batches_per_round: Mini-batches each mode trains, timed, per round.
+        micro_batches: Micro-batches per mini-batch in the micro-batch modes.
     """
 
     warm_batches: int
-    timed_batches: int
+    rounds: int
+    batches_per_round: int
     micro_batches: int
 
+    @property
+    def total_batches(self) -> int:
+        """Mini-batches each mode trains in all."""
+        return self.warm_batches + self.rounds * self.batches_per_round
 
-QUICK = Settings(warm_batches=1, timed_batches=4, micro_batches=4)
-FULL = Settings(warm_batches=5, timed_batches=40, micro_batches=8)
+
+QUICK = Settings(warm_batches=1, rounds=2, batches_per_round=2, micro_batches=4)
+FULL = Settings(warm_batches=3, rounds=5, batches_per_round=10, micro_batches=8)
 
 
 @dataclass(frozen=True)
@@ -150,33 +172,34 @@ def _threads() -> int:
 # One process per mode or stage.
 
 
-def _train_single_process(
-    conn: multiprocessing.connection.Connection, settings: Settings
-) -> None:
-    """Train the unsplit model with every thread; send back samples per second."""
+def _serve_single_process(conn: multiprocessing.connection.Connection) -> None:
+    """Train the unsplit model with every thread, a chunk of mini-batches per request.
+
+    Reports ready, then answers each ``(batches, seed)`` received with the
+    samples per second of that many mini-batches; ``None`` ends it.
+    """
     torch.set_num_threads(_threads())
     data = _dataset()
     model = build_model(MODEL, seed=0)
     optimizer = OPTIMIZER.build(model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    total = settings.warm_batches + settings.timed_batches
-    done = 0
-    started = 0.0
-    epoch = 0
-    while done < total:
-        for images, labels in batches(data, BATCH_SIZE, shuffle=True, seed=epoch):
-            if done == settings.warm_batches:
-                started = time.perf_counter()
-            if done >= total:
-                break
+    conn.send(True)
+    while (request := conn.recv()) is not None:
+        count, seed = request
+        started = time.perf_counter()
+        for images, labels in itertools.islice(_endless(data, seed), count):
             loss_fn(model(images), labels).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            done += 1
-        epoch += 1
-    conn.send(settings.timed_batches * BATCH_SIZE / (time.perf_counter() - started))
+        conn.send(count * BATCH_SIZE / (time.perf_counter() - started))
     conn.close()
+
+
+def _endless(data: Dataset, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of ``data``, epoch after epoch, shuffled from ``seed``."""
+    for epoch in itertools.count():
+        yield from batches(data, BATCH_SIZE, shuffle=True, seed=seed + epoch)
 
 
 class _ByteCounter:
@@ -215,11 +238,17 @@ def _serve_stage(
     index: int,
     threads: int,
     slots: int,
+    stash_weights: bool,
     totals: str,
 ) -> None:
     """Serve one partition as a worker of ``backend`` until SIGTERM.
 
-    On the way out the stage writes its byte totals to the file ``totals``.
+    With ``stash_weights`` the stage keeps, for each backward, the weights its
+    forward used (:func:`torch.autograd.graph.allow_mutation_on_saved_tensors`),
+    which lets an intermediate stage hold graphs of two mini-batches across a
+    step (the library's intermediate stages do not, see
+    :mod:`stages.source`). On the way out the stage writes its byte totals to
+    the file ``totals``.
     """
     torch.set_num_threads(threads)
     stop = stop_event_on_sigterm()
@@ -234,30 +263,44 @@ def _serve_stage(
         next_frontend=next_frontend,
         node=f"stage-{index}",
         slots=slots,
-        monitor=counter,
-    )  # type: ignore[arg-type]
+        monitor=counter,  # type: ignore[arg-type]
+    )
+    stash = (
+        torch.autograd.graph.allow_mutation_on_saved_tensors()
+        if stash_weights
+        else contextlib.nullcontext()
+    )
     conn.send(True)
     conn.close()
     try:
-        runtime.run(stop)
+        with stash:
+            runtime.run(stop)
     finally:
         runtime.close()
 
 
-def _train_split(
-    settings: Settings, *, micro_batches: int, threads: int, folder: Path
-) -> tuple[float, dict[str, int]]:
-    """Run the two-stage pipeline.
+class _Pipeline:
+    """A running split pipeline: brokers and stages in their processes, a source here.
 
-    Returns:
-        Samples per second over the timed mini-batches, and the stages' byte
-        totals over all mini-batches (untimed ones included).
+    Args:
+        servers: Where the processes are started (and stopped).
+        folder: Where the stages write their byte totals on the way out.
+        micro_batches: Micro-batches per mini-batch.
+        threads: Torch threads of each stage.
+        in_flight: Mini-batches under way at once.
     """
-    torch.set_num_threads(1)  # the source only slices data
-    data = _dataset()
-    stages = len(SPLIT) + 1
-    totals = [folder / f"stage-{i}.json" for i in range(stages)]
-    with Servers() as servers:
+
+    def __init__(
+        self,
+        servers: Servers,
+        folder: Path,
+        *,
+        micro_batches: int,
+        threads: int,
+        in_flight: int = 1,
+    ) -> None:
+        stages = len(SPLIT) + 1
+        self.totals = [folder / f"stage-{i}.json" for i in range(stages)]
         brokers = servers.start_all(
             [(f"broker-{i}", serve_broker, f"broker-{i}") for i in range(stages)]
         )
@@ -270,50 +313,60 @@ def _train_split(
                     brokers[i + 1][0] if i + 1 < stages else None,
                     i,
                     threads,
-                    micro_batches,
-                    str(totals[i]),
+                    micro_batches * in_flight,
+                    in_flight > 1,
+                    str(self.totals[i]),
                 )
                 for i in range(stages)
             ]
         )
-        with Master(
+        self.master = Master(
             brokers[0][0], name="bench-source", task_timeout_s=TIMEOUT_S
-        ) as master:
-            source = TrainingSource(
-                master,
-                optimizer=OPTIMIZER,
-                micro_batches=micro_batches,
-                timeout_s=TIMEOUT_S,
+        )
+        self.source = TrainingSource(
+            self.master,
+            optimizer=OPTIMIZER,
+            micro_batches=micro_batches,
+            in_flight=in_flight,
+            timeout_s=TIMEOUT_S,
+        )
+
+    def train(self, data: Dataset, batches_total: int, seed: int) -> float:
+        """Train ``batches_total`` mini-batches; return samples per second.
+
+        Raises:
+            SparseError: A mini-batch failed in the pipeline.
+        """
+        report = self.source.train(
+            data, batch_size=BATCH_SIZE, batches_total=batches_total, seed=seed
+        )
+        if report.failed_batches:
+            raise SparseError(
+                f"{report.failed_batches} of {batches_total} mini-batches failed in "
+                "the pipeline; see the stages' log lines above"
             )
-            warm = source.train(
-                data, batch_size=BATCH_SIZE, batches_total=settings.warm_batches, seed=0
-            )
-            report = source.train(
-                data,
-                batch_size=BATCH_SIZE,
-                batches_total=settings.timed_batches,
-                seed=1,
-            )
-        failed = warm.failed_batches + report.failed_batches
-        if failed:
-            raise RuntimeError(
-                f"{failed} mini-batches failed in the pipeline; see the log"
-            )
-    counted = {"tasks": 0, "bytes_in": 0, "bytes_out": 0}
-    for path in totals:
-        for key, value in json.loads(path.read_text(encoding="utf-8")).items():
-            counted[key] += value
-    return report.samples_per_s, counted
+        return report.samples_per_s
+
+    def close(self) -> None:
+        """Close the source's socket (the processes stop with their servers)."""
+        self.master.close()
+
+    def counted(self) -> dict[str, int]:
+        """The stages' byte totals, once their processes have stopped."""
+        counted = {"tasks": 0, "bytes_in": 0, "bytes_out": 0}
+        for path in self.totals:
+            for key, value in json.loads(path.read_text(encoding="utf-8")).items():
+                counted[key] += value
+        return counted
 
 
-def _payload_bytes_per_sample(micro_batches: int) -> float:
+def _payload_bytes_per_sample() -> float:
     """Activations, gradients and labels that split learning moves, per sample.
 
     Hop 0 carries the images and labels in, and only the loss back (raw data
     needs no gradient); every later hop carries an activation and the labels
     in, and the activation's gradient back.
     """
-    del micro_batches  # the sum over micro-batches equals that of the mini-batch
     with torch.no_grad():
         sample = torch.zeros(1, 3, 32, 32)
         label_bytes = torch.zeros(1, dtype=torch.int64).element_size()
@@ -326,40 +379,86 @@ def _payload_bytes_per_sample(micro_batches: int) -> float:
 
 
 def run(settings: Settings, modes: Sequence[str] = MODES) -> list[Row]:
-    """Measure every mode in turn.
+    """Start every mode's processes, then measure the modes in interleaved rounds.
+
+    Each mode first trains ``settings.warm_batches`` untimed mini-batches;
+    then every round trains ``settings.batches_per_round`` with each mode in
+    turn, so that drifts of the machine's load touch all modes alike.
 
     Returns:
-        One :class:`Row` per mode, in the order of ``modes``.
+        One :class:`Row` per mode, in the order of ``modes``, with the median
+        rate over the rounds.
     """
-    rows = []
-    payload = _payload_bytes_per_sample(settings.micro_batches)
+    torch.set_num_threads(1)  # the source here only slices data
+    data = _dataset()
+    payload = _payload_bytes_per_sample()
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    pipelines: dict[str, _Pipeline] = {}
+    single: multiprocessing.connection.Connection | None = None
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        for mode in modes:
-            if mode == "single-process":
-                with Servers() as servers:
-                    rate = servers.start(
-                        "single-process", _train_single_process, settings
+        with Servers() as servers:
+            try:
+                for mode in modes:
+                    if mode == "single-process":
+                        _, single = servers.start_with_pipe(mode, _serve_single_process)
+                        continue
+                    folder = Path(tmp) / mode
+                    folder.mkdir()
+                    pipelines[mode] = _Pipeline(
+                        servers, folder, **_split_options(mode, settings)
                     )
-                rows.append(Row(mode, rate, 0.0, 0.0))
+
+                def train(mode: str, count: int, seed: int) -> float:
+                    if mode in pipelines:
+                        return pipelines[mode].train(data, count, seed)
+                    assert single is not None
+                    single.send((count, seed))
+                    return float(single.recv())
+
+                for mode in modes:
+                    train(mode, settings.warm_batches, seed=0)
+                for index in range(settings.rounds):
+                    for mode in modes:
+                        rate = train(mode, settings.batches_per_round, seed=1 + index)
+                        rates[mode].append(rate)
+                        logger.info("round %d %s: %.1f samples/s", index, mode, rate)
+            finally:
+                if single is not None:
+                    single.send(None)
+                    single.close()
+                for pipeline in pipelines.values():
+                    pipeline.close()
+        samples = settings.total_batches * BATCH_SIZE
+        rows = []
+        for mode in modes:
+            if mode not in pipelines:
+                rows.append(Row(mode, median(rates[mode]), 0.0, 0.0))
                 continue
-            micro = 1 if mode == "split" else settings.micro_batches
-            threads = (
-                _threads()
-                if mode == "split"
-                else max(1, _threads() // (len(SPLIT) + 1))
-            )
-            folder = Path(tmp) / mode
-            folder.mkdir()
-            rate, counted = _train_split(
-                settings, micro_batches=micro, threads=threads, folder=folder
-            )
-            samples = (settings.warm_batches + settings.timed_batches) * BATCH_SIZE
+            counted = pipelines[mode].counted()
             wire = (counted["bytes_in"] + counted["bytes_out"]) / samples
-            rows.append(Row(mode, rate, wire, payload))
-            logger.info(
-                "%s: %.1f samples/s, %d tasks counted", mode, rate, counted["tasks"]
-            )
+            rows.append(Row(mode, median(rates[mode]), wire, payload))
     return rows
+
+
+def _split_options(mode: str, settings: Settings) -> dict[str, int]:
+    """Micro-batches, threads per stage and mini-batches in flight of a split mode."""
+    stages = len(SPLIT) + 1
+    if mode == "split":
+        return {"micro_batches": 1, "threads": _threads(), "in_flight": 1}
+    shared = max(1, _threads() // stages)
+    if mode == "split-microbatch":
+        return {
+            "micro_batches": settings.micro_batches,
+            "threads": shared,
+            "in_flight": 1,
+        }
+    if mode == "split-microbatch-2-in-flight":
+        return {
+            "micro_batches": settings.micro_batches,
+            "threads": shared,
+            "in_flight": 2,
+        }
+    raise ConfigError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
 
 
 def render(rows: Sequence[Row]) -> str:
