@@ -35,7 +35,9 @@ def _roundtrip(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(DTYPES))
 @pytest.mark.parametrize("shape", [(3, 5), (0,), (), (2, 0, 4), (1, 1, 1, 7)])
-def test_every_dtype_and_shape_roundtrips_bit_for_bit(name: str, shape: tuple[int, ...]) -> None:
+def test_every_dtype_and_shape_roundtrips_bit_for_bit(
+    name: str, shape: tuple[int, ...]
+) -> None:
     t = _random_of(DTYPES[name], shape)
     back = _roundtrip(t)
     assert back.dtype == t.dtype
@@ -44,8 +46,17 @@ def test_every_dtype_and_shape_roundtrips_bit_for_bit(name: str, shape: tuple[in
 
 
 def test_the_common_training_dtypes_are_on_the_allow_list() -> None:
-    for name in ("float32", "float16", "bfloat16", "float64", "int64", "uint8", "bool",
-                 "complex64", "float8_e4m3fn"):
+    for name in (
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int64",
+        "uint8",
+        "bool",
+        "complex64",
+        "float8_e4m3fn",
+    ):
         assert name in DTYPES
 
 
@@ -109,7 +120,9 @@ def test_sparse_and_quantized_tensors_are_refused() -> None:
         (["float32", [4]], 16, "must be an object"),
     ],
 )
-def test_bad_descriptions_and_sizes_are_rejected_with_the_values(description, size, match) -> None:
+def test_bad_descriptions_and_sizes_are_rejected_with_the_values(
+    description, size, match
+) -> None:
     with pytest.raises(ProtocolError, match=match):
         decode_tensor(description, bytes(size), max_bytes=MAX)
 
@@ -182,6 +195,8 @@ def test_misaligned_or_foreign_buffers_are_copied() -> None:
         b.close()
         context.term()
     readonly = torch.arange(4.0).numpy().tobytes()
-    got = decode_tensor({"dtype": "float32", "shape": [4]}, memoryview(readonly), max_bytes=MAX)
+    got = decode_tensor(
+        {"dtype": "float32", "shape": [4]}, memoryview(readonly), max_bytes=MAX
+    )
     got += 1
     assert got.tolist() == [1.0, 2.0, 3.0, 4.0]
