@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--frontend", required=True, help="endpoint masters connect to")
     broker.add_argument("--backend", required=True, help="endpoint workers connect to")
     broker.add_argument("--max-queued", type=int, default=1000, help="bound of the task queue")
+    broker.add_argument("--max-queued-bytes", default="1GiB",
+                        help="bound of the task queue in bytes (default: %(default)s)")
+    broker.add_argument("--max-message-bytes", default="256MiB",
+                        help="largest task accepted, all frames (default: %(default)s)")
+    broker.add_argument("--heartbeat-interval", type=float, default=1.0,
+                        help="seconds between heartbeats to workers (default: %(default)s)")
+    broker.add_argument("--liveness", type=int, default=3,
+                        help="heartbeat intervals a worker may miss before its tasks go "
+                        "to another worker (default: %(default)s)")
     broker.add_argument("--ready-file", type=Path, help="write the bound endpoints here as JSON")
     broker.add_argument("--name", default="broker", help="name in logs")
     _add_curve_options(broker, client=False)
@@ -203,14 +212,18 @@ def _optimizer(args: argparse.Namespace):  # noqa: ANN202 - lazy torch import
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from brokers.fog import BrokerConfig, serve
+    from brokers.fog import BrokerConfig, parse_bytes, serve
 
     from sparse_zmq.security import warn_if_exposed
 
     curve = _curve(args)
     for endpoint in (args.frontend, args.backend):
         warn_if_exposed(endpoint, curve, args.name)
-    serve(args.frontend, args.backend, config=BrokerConfig(max_queued_tasks=args.max_queued),
+    config = BrokerConfig(max_queued_tasks=args.max_queued,
+                          max_queued_bytes=parse_bytes(args.max_queued_bytes),
+                          max_message_bytes=parse_bytes(args.max_message_bytes),
+                          heartbeat_interval_s=args.heartbeat_interval, liveness=args.liveness)
+    serve(args.frontend, args.backend, config=config,
           ready_file=args.ready_file, name=args.name, curve=curve)
     return 0
 

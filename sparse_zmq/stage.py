@@ -18,34 +18,61 @@ stage)::
             ...                                        # resumes with its reply
             return Result({"grad": g}, {"loss": reply.meta["loss"]})
 
-:class:`StageRuntime` does the rest. It connects a DEALER to the broker's
-backend, announces ``slots`` free task slots, and runs one poll loop over
-that socket and, for an intermediate stage, a :class:`~sparse_zmq.master.Master`
+:class:`StageRuntime` does the rest. It runs one poll loop over its broker
+link and, for an intermediate stage, a :class:`~sparse_zmq.master.Master`
 connected to the next broker's frontend. Many tasks may be in flight at once
 (one generator each, keyed by the downstream task id), which is what lets
-micro-batches flow through the stages back to back.
+micro-batches flow through the stages back to back. An offload inherits the
+``stream`` of the task it serves, so the next broker pins a training stream
+to one worker as the first broker does.
+
+The broker link. A thread of its own owns the worker's DEALER, so that
+heartbeats keep flowing while :meth:`Stage.process` computes for longer than
+the broker's liveness timeout. The thread:
+
+* connects under an identity unique to this process and connection,
+  ``<node>/<stage>/<pid>/<random>``, and announces ``slots`` free slots;
+* forwards tasks to the poll loop and replies back, over an inproc PAIR,
+  without copying frames;
+* sends a heartbeat every interval: the broker's (learnt from its first
+  heartbeat), or ``heartbeat_interval_s * liveness`` before one has come;
+* reconnects as a new worker, under a new identity, when a broker that has
+  sent heartbeats falls silent for its liveness timeout (it died, restarted
+  or was cut off; silence is never judged before the first heartbeat, so a
+  worker started before its broker just waits), or when it answers with
+  ``disconnect`` (it declared this worker lost, or restarted). The poll loop
+  then abandons its tasks waiting on the next stage, since the broker has
+  given them to other workers or forgotten them; a reply computed for an old
+  task still goes out, and the broker drops it.
+
+A :meth:`Stage.process` that hangs while its process lives is not detected
+by heartbeats; the master's task timeout ends such a task.
 
 A task that raises, or whose offload fails or times out, is answered with an
 ``error`` message naming the node, stage, task and input shapes; the loop
 carries on with the next task. Malformed messages get an error reply too and
-are counted in :attr:`StageRuntime.stats`.
+are counted in :attr:`StageRuntime.stats`. A task or result larger than
+``max_message_bytes`` is answered with an error naming both sizes.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+import math
+import os
 import threading
 import time
+import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import zmq
 
-from sparse_zmq.errors import ProtocolError, RemoteError, TaskTimeout
-from sparse_zmq.master import LINGER_MS, Master
+from sparse_zmq.errors import ConfigError, ProtocolError, RemoteError, TaskTimeout
+from sparse_zmq.master import DEFAULT_MAX_MESSAGE_BYTES, LINGER_MS, Master, MasterConfig
 from sparse_zmq.monitor import MonitorClient
 from sparse_zmq.protocol import (
     DEFAULT_LIMITS,
@@ -54,17 +81,25 @@ from sparse_zmq.protocol import (
     Message,
     error_frames,
     pack,
+    parse_header,
     split_envelope,
     unpack,
 )
 from sparse_zmq.security import CurveConfig, secure_client
 
-__all__ = ["Task", "Result", "Offload", "Stage", "StageRuntime", "StageOutput"]
+__all__ = ["Offload", "Result", "Stage", "StageOutput", "StageRuntime", "Task"]
 
 logger = logging.getLogger(__name__)
 
 POLL_MS = 100
 """Poll timeout of the loop; bounds how long a stop request waits."""
+
+STOP_TIMEOUT_S = 5.0
+"""Longest wait for the broker link thread to say goodbye and close."""
+
+_READY_SLOTS_META = "slots"
+_RESET = pack(Message(Kind.DISCONNECT))[0]
+"""Header the link sends the poll loop after reconnecting as a new worker."""
 
 
 @dataclass
@@ -101,7 +136,7 @@ class Offload:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-StageOutput = Union[Result, Generator[Offload, Message, Result]]
+StageOutput = Result | Generator[Offload, Message, Result]
 
 
 class Stage(abc.ABC):
@@ -134,6 +169,275 @@ class _Running:
     batch_size: int
 
 
+class _BrokerLink:
+    """The worker's connection to its broker, served by a thread of its own.
+
+    The poll loop talks to :attr:`socket` (an inproc PAIR) exactly as it
+    would to the broker: tasks arrive with their envelope, replies leave
+    with it. Everything else (identity, ``ready``, heartbeats, liveness of
+    the broker, reconnecting) happens in the thread.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        backend: str,
+        *,
+        where: str,
+        slots: int,
+        heartbeat_interval_s: float,
+        liveness: int,
+        limits: Limits,
+        curve: CurveConfig | None,
+    ) -> None:
+        self.backend = backend
+        self.slots = slots
+        self.stats = {
+            "heartbeats_sent": 0,
+            "heartbeats_received": 0,
+            "reconnects": 0,
+            "replies_dropped": 0,
+        }
+        self.identity = b""
+        self.broker: str | None = None
+        self._context = context
+        self._where = where
+        self._own_interval = heartbeat_interval_s
+        self._own_liveness = liveness
+        self._limits = limits
+        self._curve = curve
+        self._interval = heartbeat_interval_s
+        self._liveness = liveness
+        self._heard_at: float | None = None
+        self._next_beat = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+        endpoint = f"inproc://sparse-zmq-link-{uuid.uuid4().hex}"
+        self.socket: zmq.Socket[Any] = context.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self._inner: zmq.Socket[Any] = context.socket(zmq.PAIR)
+        self._inner.setsockopt(zmq.LINGER, 0)
+        # Blocked sends wake up to heartbeat and to check the stop event.
+        self._inner.setsockopt(zmq.SNDTIMEO, POLL_MS)
+        self._inner.connect(endpoint)
+        self._dealer = self._connect()
+
+    def _connect(self) -> zmq.Socket[Any]:
+        """A new DEALER to the broker under a new identity."""
+        name = f"{self._where}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.identity = name.encode("utf-8", "replace")[-255:].lstrip(b"\0") or b"w"
+        dealer: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, LINGER_MS)
+        dealer.setsockopt(zmq.IDENTITY, self.identity)
+        dealer.setsockopt(zmq.SNDTIMEO, POLL_MS)
+        if self._curve is not None:
+            secure_client(dealer, self._curve)
+        dealer.connect(self.backend)
+        return dealer
+
+    def start(self) -> None:
+        """Announce the slots and serve the link in a thread."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"broker-link {self._where}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Withdraw from the broker and close every socket (bounded wait)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                logger.warning("%s: broker link did not stop in time", self._where)
+                return
+        else:
+            self._dealer.close(linger=0)
+            self._inner.close()
+        self.socket.close()
+
+    # The thread.
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            try:
+                self._control(Kind.DISCONNECT, {})
+            except zmq.ZMQError:
+                pass
+            self._dealer.close(linger=LINGER_MS)
+            self._inner.close()
+
+    def _serve(self) -> None:
+        self._control(Kind.READY, {_READY_SLOTS_META: self.slots})
+        logger.info(
+            "%s: announced %d slots to %s as worker %s",
+            self._where,
+            self.slots,
+            self.backend,
+            self.identity.decode("utf-8", "replace"),
+        )
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._inner, zmq.POLLIN)
+        self._next_beat = time.monotonic() + self._beat_interval()
+        while not self._stop.is_set():
+            wait_ms = min(POLL_MS, int((self._next_beat - time.monotonic()) * 1000) + 1)
+            wait_ms = max(0, wait_ms)
+            events = dict(poller.poll(wait_ms))
+            if self._dealer in events:
+                old = self._dealer
+                self._from_broker()
+                if self._dealer is not old:
+                    poller.unregister(old)
+                    poller.register(self._dealer, zmq.POLLIN)
+            if self._inner in events:
+                self._from_loop()
+            now = time.monotonic()
+            self._beat_if_due(now)
+            silence = self._interval * self._liveness
+            if self._heard_at is not None and now - self._heard_at > silence:
+                old = self._dealer
+                self._reconnect(
+                    f"the broker has been silent for {now - self._heard_at:.1f}s"
+                )
+                poller.unregister(old)
+                poller.register(self._dealer, zmq.POLLIN)
+
+    def _beat_if_due(self, now: float) -> None:
+        if now >= self._next_beat:
+            self._control(Kind.HEARTBEAT, {})
+            self.stats["heartbeats_sent"] += 1
+            self._next_beat = now + self._beat_interval()
+
+    def _beat_interval(self) -> float:
+        if self._heard_at is None:
+            return self._own_interval * self._own_liveness
+        return self._interval
+
+    def _from_broker(self) -> None:
+        dealer = self._dealer
+        for _ in range(256):
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if self._heard_at is not None:
+                self._heard_at = time.monotonic()
+            if len(frames[0]) == 0 and self._on_control(frames):
+                if self._dealer is not dealer:
+                    return  # reconnected: what the old socket held is stale
+                continue
+            self._to_loop(frames)
+
+    def _on_control(self, frames: list[zmq.Frame]) -> bool:
+        """Handle a broker heartbeat or disconnect; False for anything else."""
+        try:
+            message = unpack(frames[1:], self._limits)
+        except ProtocolError:
+            return False  # the poll loop answers and counts it
+        if message.kind is Kind.HEARTBEAT:
+            # Silence counts from the first heartbeat on: a broker that never
+            # sends any is never taken for dead.
+            self._heard_at = time.monotonic()
+            self.stats["heartbeats_received"] += 1
+            self._adopt(message.meta)
+            return True
+        if message.kind is Kind.DISCONNECT:
+            self._reconnect(
+                "the broker does not know this worker (declared lost, or it restarted)"
+            )
+            return True
+        return False
+
+    def _adopt(self, meta: dict[str, Any]) -> None:
+        """Take the broker's heartbeat interval and liveness, if sensible."""
+        interval = meta.get("interval_s")
+        liveness = meta.get("liveness")
+        if (
+            type(interval) in (int, float)
+            and math.isfinite(interval)
+            and (0.01 <= interval <= 3600)
+        ):
+            self._interval = float(interval)
+        if type(liveness) is int and 1 <= liveness <= 1000:
+            self._liveness = liveness
+        # The first heartbeat may come long before the slow pre-handshake beat.
+        self._next_beat = min(self._next_beat, time.monotonic() + self._interval)
+        broker = meta.get("broker")
+        if isinstance(broker, str) and broker != self.broker:
+            logger.info(
+                "%s: broker instance %.40s serves worker %s",
+                self._where,
+                broker,
+                self.identity.decode("utf-8", "replace"),
+            )
+            self.broker = broker
+
+    def _from_loop(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self._inner.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._to_broker(frames)
+
+    def _to_loop(self, frames: list[Any]) -> None:
+        """Hand a message to the poll loop, heartbeating while it is busy."""
+        while not self._stop.is_set():
+            try:
+                self._inner.send_multipart(frames, copy=False)
+                return
+            except zmq.Again:
+                self._beat_if_due(time.monotonic())
+
+    def _to_broker(self, frames: list[Any]) -> None:
+        """Send a reply to the broker; drop it if the broker stops reading."""
+        deadline = time.monotonic() + self._interval * self._liveness
+        while not self._stop.is_set():
+            try:
+                self._dealer.send_multipart(frames, copy=False)
+                return
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    break
+        self.stats["replies_dropped"] += 1
+        logger.warning(
+            "%s: the broker at %s does not take replies; one dropped",
+            self._where,
+            self.backend,
+        )
+
+    def _control(self, kind: Kind, meta: dict[str, Any]) -> None:
+        try:
+            self._dealer.send_multipart(
+                [b"", *pack(Message(kind, meta=meta))], zmq.NOBLOCK
+            )
+        except zmq.Again:
+            pass
+
+    def _reconnect(self, reason: str) -> None:
+        """Start afresh as a new worker and tell the poll loop."""
+        old = self.identity.decode("utf-8", "replace")
+        self._dealer.close(linger=0)
+        self._dealer = self._connect()
+        self._heard_at = None
+        self._interval, self._liveness = self._own_interval, self._own_liveness
+        self.stats["reconnects"] += 1
+        logger.warning(
+            "%s: %s; worker %s reconnects to %s as %s",
+            self._where,
+            reason,
+            old,
+            self.backend,
+            self.identity.decode("utf-8", "replace"),
+        )
+        self._to_loop([b"", _RESET])
+        self._control(Kind.READY, {_READY_SLOTS_META: self.slots})
+
+
 class StageRuntime:
     """Serve a :class:`Stage` as a worker of a broker.
 
@@ -147,7 +451,16 @@ class StageRuntime:
         context: ZeroMQ context (one per process).
         limits: Bounds checked on every received message.
         task_timeout_s: Deadline for offloaded work.
+        heartbeat_interval_s: Heartbeat interval used until the broker
+            announces its own (it then also sets the liveness).
+        liveness: Silent intervals after which the broker is taken to be gone.
+        max_message_bytes: Largest task or result accepted or sent.
+        next_config: Retries and timings of the master to the next broker
+            (``task_timeout_s`` overrides its timeout).
         curve: CURVE keys for both connections; None for plain connections.
+
+    Raises:
+        ConfigError: ``slots`` or a limit is out of range.
     """
 
     def __init__(
@@ -162,40 +475,70 @@ class StageRuntime:
         context: zmq.Context | None = None,
         limits: Limits = DEFAULT_LIMITS,
         task_timeout_s: float = 600.0,
+        heartbeat_interval_s: float = 1.0,
+        liveness: int = 3,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        next_config: MasterConfig | None = None,
         curve: CurveConfig | None = None,
     ) -> None:
-        if slots < 1:
-            raise ValueError(f"slots must be at least 1, got {slots}")
+        if type(slots) is not int or slots < 1:
+            raise ConfigError(f"slots must be an integer of at least 1, got {slots!r}")
+        if max_message_bytes < limits.max_header_bytes:
+            raise ConfigError(
+                f"max_message_bytes of {max_message_bytes} is too small: a message "
+                f"must at least carry a header of up to {limits.max_header_bytes} bytes"
+            )
         self.stage = stage
         self.node = node
         self.slots = slots
         self.limits = limits
-        self.monitor = monitor or MonitorClient(None, node=node, stage=stage.name, role="stage")
-        self.stats = {"tasks": 0, "errors": 0, "malformed": 0}
+        self.max_message_bytes = max_message_bytes
+        self.monitor = monitor or MonitorClient(
+            None, node=node, stage=stage.name, role="stage"
+        )
+        self.stats = {"tasks": 0, "errors": 0, "malformed": 0, "abandoned": 0}
         self._context = context or zmq.Context.instance()
-        self._worker = self._context.socket(zmq.DEALER)
-        self._worker.setsockopt(zmq.LINGER, LINGER_MS)
-        if curve is not None:
-            secure_client(self._worker, curve)
-        self._worker.connect(backend)
+        self._where = f"{node}/{stage.name}"
+        self._link = _BrokerLink(
+            self._context,
+            backend,
+            where=self._where,
+            slots=slots,
+            heartbeat_interval_s=heartbeat_interval_s,
+            liveness=liveness,
+            limits=limits,
+            curve=curve,
+        )
+        self._worker = self._link.socket
         self._next = (
             Master(
                 next_frontend,
-                name=f"{node}/{stage.name}",
+                name=self._where,
                 context=self._context,
                 limits=limits,
                 task_timeout_s=task_timeout_s,
+                config=next_config,
                 curve=curve,
             )
             if next_frontend
             else None
         )
-        self._running: dict[str, _Running] = {}
-        self._where = f"{node}/{stage.name}"
         logger.info(
-            "%s: stage connected to backend %s%s", self._where, backend,
+            "%s: stage connected to backend %s%s",
+            self._where,
+            backend,
             f", offloading to {next_frontend}" if next_frontend else "",
         )
+
+    @property
+    def link_stats(self) -> dict[str, int]:
+        """Counters of the broker link: heartbeats sent and received, reconnects."""
+        return dict(self._link.stats)
+
+    @property
+    def identity(self) -> bytes:
+        """The worker's current routing identity at its broker."""
+        return self._link.identity
 
     def run(self, stop: threading.Event) -> None:
         """Serve tasks until ``stop`` is set."""
@@ -203,42 +546,80 @@ class StageRuntime:
         poller.register(self._worker, zmq.POLLIN)
         if self._next is not None:
             poller.register(self._next.socket, zmq.POLLIN)
-        self._send_control(Kind.READY, {"slots": self.slots})
+        self._link.start()
 
         while not stop.is_set():
             events = dict(poller.poll(POLL_MS))
             if self._worker in events:
-                self._on_task(self._worker.recv_multipart(copy=False))
-            if self._next is not None and self._next.socket in events:
-                reply = self._next.read()
-                if reply is not None:
-                    running = reply.pending.context
-                    if reply.ok:
-                        self._advance(running, reply.message)
-                    else:
-                        self._advance(running, error=RemoteError(
-                            reply.message.task_id, str(reply.message.meta.get("reason"))
-                        ))
-            if self._next is not None and self._next.pending:
-                for late in self._next.expired():
-                    self._advance(late.context, error=TaskTimeout(
-                        f"offloaded task {late.task_id} got no reply in time"
-                    ))
-        logger.info("%s: stopping with %d tasks in flight", self._where, len(self._running))
+                self._on_message(self._worker.recv_multipart(copy=False))
+            if self._next is not None:
+                if self._next.socket in events:
+                    reply = self._next.read()
+                    if reply is not None:
+                        self._resume(reply)
+                for reply in self._next.tick():
+                    self._resume(reply)
+        logger.info(
+            "%s: stopping with %d tasks in flight",
+            self._where,
+            len(self._next.pending) if self._next is not None else 0,
+        )
 
     def close(self) -> None:
-        """Withdraw from the broker and close the sockets (bounded linger)."""
-        try:
-            self._send_control(Kind.DISCONNECT, {})
-        except zmq.ZMQError:
-            pass
-        self._worker.close()
+        """Withdraw from the broker and close the sockets (bounded waits)."""
+        self._link.stop()
         if self._next is not None:
             self._next.close()
         self.monitor.close(linger_s=1.0)
 
-    def _send_control(self, kind: Kind, meta: dict[str, Any]) -> None:
-        self._worker.send_multipart([b"", *pack(Message(kind, meta=meta))])
+    def _resume(self, reply: Any) -> None:
+        """Resume the task waiting on an offload with how that offload ended."""
+        running = reply.pending.context
+        if reply.ok:
+            self._advance(running, reply.message)
+        elif reply.timed_out:
+            self._advance(
+                running,
+                error=TaskTimeout(
+                    f"offloaded task {reply.pending.task_id} got no reply in time"
+                ),
+            )
+        else:
+            self._advance(
+                running, error=RemoteError(reply.message.task_id, reply.reason)
+            )
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) == 2 and len(frames[0]) == 0 and frames[1].bytes == _RESET:
+            self._abandon()
+            return
+        self._on_task(frames)
+
+    def _abandon(self) -> None:
+        """Drop the tasks waiting on offloads: the broker re-sent them elsewhere."""
+        if self._next is None:
+            return
+        dropped = 0
+        for task_id in list(self._next.pending):
+            pending = self._next.cancel(task_id)
+            if pending is not None and isinstance(pending.context, _Running):
+                pending.context.generator.close()
+                dropped += 1
+        self.stats["abandoned"] += dropped
+        if dropped:
+            logger.warning(
+                "%s: reconnected as a new worker; %d tasks waiting on the "
+                "next stage abandoned",
+                self._where,
+                dropped,
+            )
+
+    def _malformed(self, what: str, exc: ProtocolError) -> None:
+        """Count a malformed message; log the first 100, then one in 1000."""
+        self.stats["malformed"] += 1
+        count = self.stats["malformed"]
+        if count <= 100 or count % 1000 == 0:
+            logger.warning("%s: %s (malformed=%d): %s", self._where, what, count, exc)
 
     def _on_task(self, frames: list[zmq.Frame]) -> None:
         started = time.time()
@@ -246,19 +627,26 @@ class StageRuntime:
         try:
             envelope, body = split_envelope(frames)
         except ProtocolError as exc:
-            self.stats["malformed"] += 1
-            logger.warning("%s: unroutable message dropped: %s", self._where, exc)
+            self._malformed("unroutable message dropped", exc)
             return
         try:
+            size = bytes_in - sum(len(f) for f in envelope)
+            if size > self.max_message_bytes:
+                task_id = parse_header(body[0], self.limits).task_id if body else ""
+                raise ProtocolError(
+                    f"task {task_id!r} is {size} bytes, above this worker's message "
+                    f"size limit (max_message_bytes) of {self.max_message_bytes}"
+                )
             message = unpack(body, self.limits)
             if message.kind is not Kind.TASK:
-                raise ProtocolError(f"stage expects kind 'task', got {message.kind.value!r}")
+                raise ProtocolError(
+                    f"stage expects kind 'task', got {message.kind.value!r}"
+                )
             op = message.meta.get("op")
             if not isinstance(op, str):
                 raise ProtocolError(f"task meta 'op' must be a string, got {op!r:.40}")
         except ProtocolError as exc:
-            self.stats["malformed"] += 1
-            logger.warning("%s: malformed task rejected: %s", self._where, exc)
+            self._malformed("malformed task rejected", exc)
             self._worker.send_multipart([*envelope, b"", *error_frames("", str(exc))])
             return
 
@@ -273,7 +661,9 @@ class StageRuntime:
         if isinstance(output, Result):
             self._finish(task, envelope, started, bytes_in, batch_size, output)
             return
-        self._advance(_Running(task, envelope, output, started, bytes_in, batch_size), None)
+        self._advance(
+            _Running(task, envelope, output, started, bytes_in, batch_size), None
+        )
 
     def _advance(
         self,
@@ -290,45 +680,122 @@ class StageRuntime:
                 request = running.generator.send(reply)  # type: ignore[arg-type]
         except StopIteration as done:
             result = done.value if isinstance(done.value, Result) else Result()
-            self._finish(running.task, running.envelope, running.started,
-                         running.bytes_in, running.batch_size, result)
+            self._finish(
+                running.task,
+                running.envelope,
+                running.started,
+                running.bytes_in,
+                running.batch_size,
+                result,
+            )
             return
         except Exception as exc:  # noqa: BLE001 - answer the task, keep serving
-            self._fail(running.task, running.envelope, running.started,
-                       running.bytes_in, running.batch_size, exc)
+            self._fail(
+                running.task,
+                running.envelope,
+                running.started,
+                running.bytes_in,
+                running.batch_size,
+                exc,
+            )
             return
 
         if self._next is None or not isinstance(request, Offload):
             running.generator.close()
-            self._fail(running.task, running.envelope, running.started, running.bytes_in,
-                       running.batch_size, ProtocolError(
-                           f"stage yielded {type(request).__name__} but only an Offload to a "
-                           "next stage (started with a next broker) is allowed"))
+            self._fail(
+                running.task,
+                running.envelope,
+                running.started,
+                running.bytes_in,
+                running.batch_size,
+                ProtocolError(
+                    f"stage yielded {type(request).__name__} but only an Offload to a "
+                    "next stage (started with a next broker) is allowed"
+                ),
+            )
             return
-        self._next.submit(request.op, request.tensors, request.meta, context=running)
+        meta = request.meta
+        stream = running.task.meta.get("stream")
+        if stream is not None and "stream" not in meta:
+            meta = {**meta, "stream": stream}
+        try:
+            self._next.submit(request.op, request.tensors, meta, context=running)
+        except ProtocolError as exc:
+            running.generator.close()
+            self._fail(
+                running.task,
+                running.envelope,
+                running.started,
+                running.bytes_in,
+                running.batch_size,
+                exc,
+            )
 
     def _finish(
-        self, task: Task, envelope: list[Any], started: float, bytes_in: int,
-        batch_size: int, result: Result,
+        self,
+        task: Task,
+        envelope: list[Any],
+        started: float,
+        bytes_in: int,
+        batch_size: int,
+        result: Result,
     ) -> None:
         frames = pack(Message(Kind.RESULT, task.task_id, result.tensors, result.meta))
+        bytes_out = sum(memoryview(f).nbytes for f in frames)
+        if bytes_out > self.max_message_bytes:
+            self._fail(
+                task,
+                envelope,
+                started,
+                bytes_in,
+                batch_size,
+                ProtocolError(
+                    f"result is {bytes_out} bytes, above the message size limit "
+                    f"(max_message_bytes) of {self.max_message_bytes}"
+                ),
+            )
+            return
         self._worker.send_multipart([*envelope, b"", *frames], copy=False)
         self.stats["tasks"] += 1
-        bytes_out = sum(memoryview(f).nbytes for f in frames)
-        self.monitor.task(task.task_id, task.op, batch_size, started, time.time(),
-                          bytes_in, bytes_out, status="ok")
+        self.monitor.task(
+            task.task_id,
+            task.op,
+            batch_size,
+            started,
+            time.time(),
+            bytes_in,
+            bytes_out,
+            status="ok",
+        )
 
     def _fail(
-        self, task: Task, envelope: list[Any], started: float, bytes_in: int,
-        batch_size: int, exc: BaseException,
+        self,
+        task: Task,
+        envelope: list[Any],
+        started: float,
+        bytes_in: int,
+        batch_size: int,
+        exc: BaseException,
     ) -> None:
         shapes = {name: list(t.shape) for name, t in task.tensors.items()}
         reason = f"{self._where} failed task {task.task_id} (op {task.op}, shapes {shapes}): "
         reason += f"{type(exc).__name__}: {exc}"
-        logger.warning("%s", reason, exc_info=not isinstance(exc, (RemoteError, TaskTimeout)))
+        logger.warning(
+            "%s",
+            reason,
+            exc_info=not isinstance(exc, (RemoteError, TaskTimeout, ProtocolError)),
+        )
         frames = error_frames(task.task_id, reason)
         self._worker.send_multipart([*envelope, b"", *frames])
         self.stats["errors"] += 1
-        self.monitor.task(task.task_id, task.op, batch_size, started, time.time(),
-                          bytes_in, sum(len(f) for f in frames), status="error",
-                          detail=f"{type(exc).__name__}: {exc}"[:200])
+        self.monitor.task(
+            task.task_id,
+            task.op,
+            batch_size,
+            started,
+            time.time(),
+            bytes_in,
+            sum(len(f) for f in frames),
+            status="error",
+            detail=f"{type(exc).__name__}: {exc}"[:200],
+        )

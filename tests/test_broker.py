@@ -64,17 +64,27 @@ def send_task(sock: zmq.Socket[Any], task_id: str, x: torch.Tensor) -> None:
 
 
 def receive(
-    sock: zmq.Socket[Any], timeout_s: float = TIMEOUT_S
+    sock: zmq.Socket[Any], timeout_s: float = TIMEOUT_S, *, skip_heartbeats: bool = True
 ) -> tuple[list[bytes], Message]:
     """Receive one message on a DEALER: its routing envelope and the message.
+
+    Heartbeats from the broker are answered with one (so a worker socket
+    stays alive) and skipped, unless ``skip_heartbeats`` is False.
 
     Raises:
         AssertionError: Nothing arrived within ``timeout_s``.
     """
-    if not sock.poll(int(timeout_s * 1000)):
-        raise AssertionError(f"no message within {timeout_s}s")
-    envelope, body = split_envelope(sock.recv_multipart())
-    return envelope, unpack(body)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0 or not sock.poll(remaining_ms):
+            raise AssertionError(f"no message within {timeout_s}s")
+        envelope, body = split_envelope(sock.recv_multipart())
+        message = unpack(body)
+        if skip_heartbeats and message.kind is Kind.HEARTBEAT:
+            send(sock, Message(Kind.HEARTBEAT))
+            continue
+        return envelope, message
 
 
 def receive_reply(sock: zmq.Socket[Any]) -> Message:
@@ -106,6 +116,9 @@ def echo_worker(
                 continue
             envelope, body = split_envelope(sock.recv_multipart())
             task = unpack(body)
+            if task.kind is Kind.HEARTBEAT:
+                send(sock, Message(Kind.HEARTBEAT))
+                continue
             if waiting_at_barrier:
                 assert barrier is not None
                 barrier.wait(TIMEOUT_S)
@@ -175,9 +188,14 @@ class RunningBroker:
     backend: str
 
 
+# Scheduling tests drive workers step by step and do not heartbeat between
+# steps: a long interval keeps the broker from declaring them lost.
+QUIET = BrokerConfig(heartbeat_interval_s=600.0)
+
+
 @contextlib.contextmanager
 def broker_thread(
-    config: BrokerConfig | None = None,
+    config: BrokerConfig | None = QUIET,
     before_run: Callable[[FogBroker], None] | None = None,
 ) -> Iterator[RunningBroker]:
     """Bind a broker and run it in a thread; stop, join and close on exit.
@@ -457,8 +475,9 @@ def test_heartbeats_from_workers_are_counted_and_change_nothing(
     with broker_thread() as running:
         master = dealer(zctx, running.frontend)
         worker = FakeWorker(dealer(zctx, running.backend))
-        send(worker.sock, Message(Kind.HEARTBEAT))
         worker.ready(1)
+        assert receive(worker.sock, skip_heartbeats=False)[1].kind is Kind.HEARTBEAT
+        send(worker.sock, Message(Kind.HEARTBEAT))
         send_task(master, "t1", ones())
         envelope, task = worker.take()
         send(worker.sock, Message(Kind.HEARTBEAT))
@@ -466,6 +485,50 @@ def test_heartbeats_from_workers_are_counted_and_change_nothing(
         assert receive_reply(master).task_id == "t1"
         assert running.broker.stats["heartbeats"] == 2
         assert running.broker.free_slots == 1
+        assert running.broker.stats["unknown_workers"] == 0
+
+
+def test_new_worker_is_welcomed_with_the_broker_timings_and_instance(
+    zctx: zmq.Context[Any],
+) -> None:
+    config = BrokerConfig(heartbeat_interval_s=600.0, liveness=4)
+    with broker_thread(config) as running:
+        worker = FakeWorker(dealer(zctx, running.backend))
+        worker.ready(1)
+        envelope, welcome = receive(worker.sock, skip_heartbeats=False)
+    assert envelope == [] and welcome.kind is Kind.HEARTBEAT
+    assert welcome.meta == {
+        "broker": running.broker.instance,
+        "interval_s": 600.0,
+        "liveness": 4,
+    }
+
+
+def test_heartbeat_from_an_unknown_worker_is_answered_with_disconnect(
+    zctx: zmq.Context[Any],
+) -> None:
+    with broker_thread() as running:
+        stranger = dealer(zctx, running.backend, b"stranger")
+        send(stranger, Message(Kind.HEARTBEAT))
+        envelope, answer = receive(stranger, skip_heartbeats=False)
+        assert (envelope, answer.kind) == ([], Kind.DISCONNECT)
+        assert running.broker.workers == 0
+    assert running.broker.stats["unknown_workers"] == 1
+
+
+def test_master_heartbeat_is_answered_with_instance_and_counters(
+    zctx: zmq.Context[Any],
+) -> None:
+    with broker_thread() as running:
+        master = dealer(zctx, running.frontend)
+        send_task(master, "t1", ones())
+        send(master, Message(Kind.HEARTBEAT))
+        answer = receive(master, skip_heartbeats=False)[1]
+    assert answer.kind is Kind.HEARTBEAT
+    assert answer.meta["broker"] == running.broker.instance
+    assert answer.meta["stats"]["tasks_received"] == 1
+    assert answer.meta["stats"]["queued"] == 1
+    assert running.broker.stats["master_heartbeats"] == 1
 
 
 def test_large_tensor_frames_pass_through_unchanged(zctx: zmq.Context[Any]) -> None:
@@ -603,6 +666,7 @@ def test_task_id_already_pending_for_the_same_master_is_refused(
         round_trip(other)
         assert reply.kind is Kind.ERROR and reply.task_id == "t1"
         assert "already queued or in flight" in reply.meta["reason"]
+        assert reply.meta["duplicate"] is True
         assert running.broker.queued == 2
     assert running.broker.stats["rejected_duplicate"] == 1
 
@@ -673,7 +737,7 @@ def test_malformed_worker_messages_are_counted_and_logged_with_the_worker_id(
         assert receive_reply(master).task_id == "t1"
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    naming_worker = [m for m in warnings if worker_id.hex() in m]
+    naming_worker = [m for m in warnings if "bad-worker" in m]
     assert len(naming_worker) == len(bad) + 1
     assert all(m.startswith("test-broker: ") for m in warnings)
 
@@ -710,7 +774,7 @@ def inject_frames(broker: FogBroker, on: str, frames: list[bytes]) -> None:
     handler([zmq.Frame(frame) for frame in frames])
 
 
-def test_task_for_a_vanished_worker_goes_back_to_the_front_of_the_queue(
+def test_worker_gone_before_its_welcome_is_lost_and_tasks_wait_for_a_live_one(
     zctx: zmq.Context[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="brokers.fog")
@@ -725,7 +789,9 @@ def test_task_for_a_vanished_worker_goes_back_to_the_front_of_the_queue(
     with broker_thread(before_run=queue_two_tasks_then_lose_a_worker) as running:
         assert running.broker.queued == 2
         assert running.broker.free_slots == 0
+        assert running.broker.workers == 0
         assert running.broker.stats["worker_unreachable"] == 1
+        assert running.broker.stats["workers_lost"] == 1
 
         worker = FakeWorker(dealer(zctx, running.backend))
         worker.ready(1)
@@ -734,7 +800,7 @@ def test_task_for_a_vanished_worker_goes_back_to_the_front_of_the_queue(
         worker.answer(envelope, task)
         assert worker.take()[1].task_id == "g2"
     assert any(
-        b"ghost-worker".hex() in r.getMessage() and "'g1'" in r.getMessage()
+        "ghost-worker" in r.getMessage() and "lost" in r.getMessage()
         for r in caplog.records
     )
 
@@ -775,6 +841,12 @@ def test_reply_for_a_vanished_master_is_dropped_and_the_slot_freed(
         {"linger_ms": -5},
         {"max_queued_tasks": 2.5},
         {"max_queued_tasks": True},
+        {"max_queued_bytes": 0},
+        {"max_streams": 0},
+        {"liveness": 0},
+        {"heartbeat_interval_s": 0},
+        {"heartbeat_interval_s": float("nan")},
+        {"heartbeat_interval_s": "1s"},
     ],
 )
 def test_config_refuses_out_of_range_values(fields: dict[str, Any]) -> None:
@@ -855,3 +927,176 @@ def test_broker_process_reports_endpoints_serves_and_stops_on_sigterm(
     log_text = log_file.read_text()
     assert "sub-broker: got SIGTERM, stopping" in log_text
     assert "results_returned=1" in log_text
+
+
+# Liveness, pinned streams, byte bounds and size limits.
+
+
+def wait_for_stat(
+    broker: FogBroker, name: str, value: int, idle: zmq.Socket[Any]
+) -> None:
+    """Wait until ``broker.stats[name]`` reaches ``value``.
+
+    Each round polls ``idle`` (a master socket) and fails if anything
+    arrives on it, so the wait also shows that no reply slipped through.
+    """
+    deadline = time.monotonic() + TIMEOUT_S
+    while broker.stats[name] < value:
+        assert time.monotonic() < deadline, f"{name} stayed at {broker.stats[name]}"
+        assert not idle.poll(20), f"unexpected message while waiting for {name}"
+    assert broker.stats[name] == value
+
+
+def send_stream_task(sock: zmq.Socket[Any], task_id: str, stream: str | None) -> None:
+    """Send a small task, in training stream ``stream`` when one is given."""
+    meta = {} if stream is None else {"stream": stream}
+    send(sock, Message(Kind.TASK, task_id, {"x": ones()}, meta))
+
+
+def test_silent_worker_is_lost_its_task_redone_elsewhere_and_late_reply_dropped(
+    zctx: zmq.Context[Any],
+) -> None:
+    config = BrokerConfig(heartbeat_interval_s=0.1, liveness=10)
+    with broker_thread(config) as running:
+        master = dealer(zctx, running.frontend)
+        stalled = FakeWorker(dealer(zctx, running.backend, b"stalled"))
+        stalled.ready(1)
+        send_stream_task(master, "t1", "train-1")
+        stalled_env, stalled_task = stalled.take()  # then it stays silent
+
+        healthy = FakeWorker(dealer(zctx, running.backend, b"healthy"))
+        healthy.ready(1)
+        envelope, task = healthy.take()  # answers heartbeats while it waits
+        assert task.task_id == "t1"
+        assert running.broker.stats["workers_lost"] == 1
+        assert running.broker.stats["tasks_requeued"] == 1
+        assert running.broker.stats["streams_repinned"] == 1
+
+        stalled.answer(stalled_env, stalled_task)  # too late: dropped
+        wait_for_stat(running.broker, "unmatched_replies", 1, master)
+        healthy.answer(envelope, task)
+        reply = receive_reply(master)
+        assert (reply.kind, reply.task_id) == (Kind.RESULT, "t1")
+
+        # The stream now lives on the healthy worker.
+        send_stream_task(master, "t2", "train-1")
+        assert healthy.take()[1].task_id == "t2"
+    assert running.broker.stats["results_returned"] == 1
+
+
+def test_stream_tasks_wait_for_their_worker_while_inference_goes_anywhere(
+    zctx: zmq.Context[Any],
+) -> None:
+    with broker_thread() as running:
+        master = dealer(zctx, running.frontend)
+        a = FakeWorker(dealer(zctx, running.backend, b"worker-a"))
+        b = FakeWorker(dealer(zctx, running.backend, b"worker-b"))
+        a.ready(1)
+        send_stream_task(master, "s1", "train")
+        env1, s1 = a.take()  # the stream is pinned to a
+        b.ready(1)
+
+        send_stream_task(master, "s2", "train")
+        send_stream_task(master, "i1", None)
+        assert b.take()[1].task_id == "i1"  # b is free, but s2 waits for a
+        round_trip(master)
+        assert running.broker.queued == 1
+
+        a.answer(env1, s1)
+        assert receive_reply(master).task_id == "s1"
+        env2, s2 = a.take()
+        assert s2.task_id == "s2"
+
+        # a leaves: once its last task is answered the stream is re-pinned.
+        send(a.sock, Message(Kind.DISCONNECT))
+        a.answer(env2, s2)
+        assert receive_reply(master).task_id == "s2"
+        round_trip(master)
+        assert running.broker.stats["streams_repinned"] == 1
+        b.ready(1)
+        send_stream_task(master, "s3", "train")
+        assert b.take()[1].task_id == "s3"
+
+
+def test_stream_that_is_not_a_string_is_refused(zctx: zmq.Context[Any]) -> None:
+    with broker_thread() as running:
+        master = dealer(zctx, running.frontend)
+        send(master, Message(Kind.TASK, "t1", {"x": ones()}, {"stream": 7}))
+        reply = receive_reply(master)
+    assert reply.kind is Kind.ERROR and "'stream'" in reply.meta["reason"]
+    assert running.broker.stats["malformed_frontend"] == 1
+
+
+def test_queue_bounded_in_bytes_answers_busy(zctx: zmq.Context[Any]) -> None:
+    limit = 128 * 1024
+    config = BrokerConfig(
+        heartbeat_interval_s=600.0, max_message_bytes=limit, max_queued_bytes=limit
+    )
+    x = torch.zeros(10 * 1024)  # 40 KiB: three fit in 128 KiB, not four
+    with broker_thread(config) as running:
+        master = dealer(zctx, running.frontend)
+        for i in range(4):
+            send_task(master, f"t{i}", x)
+        busy = receive_reply(master)
+        assert running.broker.queued == 3
+    assert busy.task_id == "t3" and busy.meta["busy"] is True
+    assert "max_queued_bytes" in busy.meta["reason"]
+    assert running.broker.stats["peak_queued_bytes"] <= limit
+
+
+def test_message_above_the_size_limit_gets_a_clear_error(
+    zctx: zmq.Context[Any],
+) -> None:
+    limit = 128 * 1024
+    config = BrokerConfig(max_message_bytes=limit, max_queued_bytes=limit)
+    with broker_thread(config) as running:
+        master = dealer(zctx, running.frontend)
+        frames = pack(
+            Message(
+                Kind.TASK, "big", {"a": torch.zeros(20_000), "b": torch.zeros(20_000)}
+            )
+        )
+        master.send_multipart([b"", *frames])  # 160 KB, each frame below the limit
+        reply = receive_reply(master)
+    assert reply.kind is Kind.ERROR and reply.meta["too_large"] is True
+    assert (
+        str(limit) in reply.meta["reason"]
+        and "max_message_bytes" in reply.meta["reason"]
+    )
+    assert running.broker.stats["rejected_too_large"] == 1
+
+
+def test_single_frame_above_the_size_limit_drops_its_sender_only(
+    zctx: zmq.Context[Any],
+) -> None:
+    limit = 128 * 1024
+    config = BrokerConfig(max_message_bytes=limit, max_queued_bytes=limit)
+    with broker_thread(config) as running:
+        rogue = dealer(zctx, running.frontend)
+        rogue.send_multipart([b"", bytes(limit + 1)])
+        master = dealer(zctx, running.frontend)
+        wait_for_stat(running.broker, "frontend_disconnects", 1, master)
+        worker = FakeWorker(dealer(zctx, running.backend))
+        worker.ready(1)
+        send_task(master, "t1", ones())
+        envelope, task = worker.take()
+        worker.answer(envelope, task)
+        assert receive_reply(master).task_id == "t1"
+    assert running.broker.stats["malformed_frontend"] == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"max_message_bytes": 1000}, "max_message_bytes of 1000 is too small"),
+        (
+            {"max_message_bytes": 1 << 20, "max_queued_bytes": 1 << 19},
+            "max_queued_bytes of 524288 is too small",
+        ),
+    ],
+)
+def test_config_refuses_size_limits_too_small_to_work(
+    fields: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        BrokerConfig(**fields)
