@@ -121,10 +121,18 @@ def _allowed_round_trip(secured: Secured, value: float) -> None:
     assert torch.equal(reply.message.tensors["y"], torch.full((3,), 2 * value))
 
 
-def _wait_for_event(sock: zmq.Socket[Any], wanted: set[int]) -> int:
-    """Wait on ``sock``'s monitor for one of ``wanted`` events; return it."""
+def _connect_and_wait_for_event(
+    sock: zmq.Socket[Any], endpoint: str, first: list[Any], wanted: set[int]
+) -> int:
+    """Connect ``sock``, send ``first``, wait for one of ``wanted`` monitor events.
+
+    The monitor is attached before connecting, so a handshake that fails at
+    once is not missed.
+    """
     monitor = sock.get_monitor_socket()
     try:
+        sock.connect(endpoint)
+        sock.send_multipart(first)
         while True:
             assert monitor.poll(TIMEOUT_MS), f"no monitor event in {sorted(wanted)}"
             event = recv_monitor_message(monitor)["event"]
@@ -161,10 +169,8 @@ def test_client_without_an_allowed_key_gets_nothing_through(
         if who == "unlisted key":
             secure_client(sock, stranger)
             wanted = {zmq.EVENT_HANDSHAKE_FAILED_AUTH}
-        sock.connect(secured.frontend)
         task = Message(Kind.TASK, "intruder-1", {"x": torch.ones(3)}, {"op": "double"})
-        sock.send_multipart([b"", *pack(task)])
-        _wait_for_event(sock, wanted)
+        _connect_and_wait_for_event(sock, secured.frontend, [b"", *pack(task)], wanted)
         assert not sock.poll(SILENCE_MS), "the refused client got a reply"
     finally:
         sock.close()
@@ -186,9 +192,8 @@ def test_worker_without_an_allowed_key_is_given_no_task(secured: Secured) -> Non
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
     try:
-        rogue.connect(secured.backend)
-        rogue.send_multipart([b"", *pack(Message(Kind.READY, meta={"slots": 8}))])
-        _wait_for_event(rogue, REFUSED_PLAIN)
+        ready = [b"", *pack(Message(Kind.READY, meta={"slots": 8}))]
+        _connect_and_wait_for_event(rogue, secured.backend, ready, REFUSED_PLAIN)
         for i in range(3):  # all go to the one allowed worker
             _allowed_round_trip(secured, float(i))
         assert not rogue.poll(0), "the rogue worker received a task"
