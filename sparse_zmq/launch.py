@@ -202,7 +202,12 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
             "allowed: --in-flight 1 for this suite"
         )
 
+    _check_split(suite, model, split)
+    if options.data is not None and not Path(options.data).is_dir():
+        raise ConfigError(f"--data {options.data!r} is not a folder; expected a CIFAR-10 folder")
+
     out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(out)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     from sparse_zmq.monitor import MonitorClient, default_endpoint
@@ -282,7 +287,9 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
         while source.poll() is None:
             others = [(n, c) for n, c in procs.dead() if n != "source"]
             if others:
-                summary.problem = ", ".join(f"{n} exited with code {c}" for n, c in others)
+                summary.problem = "; ".join(
+                    f"{n} exited with code {c}{_last_error(logs / f'{n}.log')}" for n, c in others
+                )
                 summary.problem += f" before the source finished; see {logs}"
                 break
             try:
@@ -306,6 +313,43 @@ def run_suite(name: str, out: Path, options: RunOptions) -> RunSummary:
     summary.rows_per_stage = _rows_per_stage(out / "tasks.csv")
     summary.ok = not summary.problem and bool(summary.source)
     return summary
+
+
+def _check_split(suite: dict[str, Any], model: str, split: str) -> None:
+    """Refuse a split that does not fit the suite, before any process starts."""
+    from stages.models import build_model, parse_split, partition
+
+    points = parse_split(split) if split else []
+    needed = len(suite["stages"]) + int(suite["source"]["on_device"])
+    if len(points) + 1 != needed:
+        raise ConfigError(
+            f"split {points} gives {len(points) + 1} partitions, but suite "
+            f"{suite['name']!r} runs {needed}; give {needed - 1} split point(s)"
+        )
+    partition(build_model(model), points)  # raises ConfigError with the allowed range
+
+
+# What a run writes into its folder; a new run in the same folder replaces them.
+RUN_OUTPUTS = ("tasks.csv", "gpu.csv", "host.csv", "net.csv", "run.json", "monitor.json",
+               "summary.json")
+
+
+def _clear_previous_run(out: Path) -> None:
+    old = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if old:
+        logger.info("replacing the earlier run in %s", out)
+    for path in old:
+        path.unlink()
+
+
+def _last_error(log: Path) -> str:
+    """The last ERROR line of a child's log, to show why it exited."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if " ERROR " in line]
+    return f" ({errors[-1].split(': ', 1)[-1]})" if errors else ""
 
 
 def _rows_per_stage(path: Path) -> dict[str, int]:
