@@ -667,9 +667,12 @@ def _stop_and_continue(
             x = torch.full((16,), float(len(tally.expected) + 1))
             tally.sent(master.submit("echo", {"x": x}), x)
 
+    def victim_holds() -> bool:
+        fill()  # keep tasks coming until the victim has taken one
+        return bool(victim.state.value == 2)
+
     victim.hold.value = 1
-    fill()
-    _wait(lambda: victim.state.value == 2, "the victim to hold a task", master, tally)
+    _wait(victim_holds, "the victim to hold a task", master, tally)
     os.kill(victim.pid, signal.SIGSTOP)
     unmatched = master.broker_stats.get("unmatched_replies", 0)
     stopped_with = set(master.pending)
