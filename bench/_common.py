@@ -182,6 +182,11 @@ class Servers:
         logger.debug("server %s (pid %d) ready: %r", name, proc.pid, value)
         return value
 
+    @property
+    def processes(self) -> list[tuple[str, multiprocessing.process.BaseProcess]]:
+        """The servers started so far, oldest first, as ``(name, process)``."""
+        return list(self._procs)
+
     def close(self) -> None:
         """SIGTERM every server, newest first; kill those still alive after a wait."""
         for name, proc in reversed(self._procs):

@@ -47,7 +47,8 @@ direction. The payload is
 what split learning has to move: activations (raw images on the first hop),
 gradients and labels. ``pipeline.csv`` (in ``--out``) has the columns
 ``mode, samples_per_s, wire_bytes_per_sample, payload_bytes_per_sample``;
-the table, the ratios to ``single-process`` and the framing overhead
+the table (with CPU milliseconds per sample, see :func:`render`), the
+ratios to ``single-process`` and the framing overhead
 ``(wire - payload) / wire`` go to standard output.
 
 Batch norm takes its statistics per micro-batch (as in GPipe), so
@@ -73,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
@@ -147,6 +149,7 @@ class Row:
     samples_per_s: float
     wire_bytes_per_sample: float
     payload_bytes_per_sample: float
+    cpu_ms_per_sample: float = 0.0
 
     @property
     def framing_overhead(self) -> float | None:
@@ -397,20 +400,27 @@ def run(settings: Settings, modes: Sequence[str] = MODES) -> list[Row]:
     data = _dataset()
     payload = _payload_bytes_per_sample()
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
+    pids: dict[str, list[int]] = {}
     pipelines: dict[str, _Pipeline] = {}
     single: multiprocessing.connection.Connection | None = None
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         with Servers() as servers:
             try:
                 for mode in modes:
+                    started = len(servers.processes)
                     if mode == "single-process":
                         _, single = servers.start_with_pipe(mode, _serve_single_process)
-                        continue
-                    folder = Path(tmp) / mode
-                    folder.mkdir()
-                    pipelines[mode] = _Pipeline(
-                        servers, folder, **_split_options(mode, settings)
-                    )
+                    else:
+                        folder = Path(tmp) / mode
+                        folder.mkdir()
+                        pipelines[mode] = _Pipeline(
+                            servers, folder, **_split_options(mode, settings)
+                        )
+                    # This process too: it is the source of the split modes.
+                    pids[mode] = [os.getpid()] + [
+                        proc.pid for _, proc in servers.processes[started:] if proc.pid
+                    ]
 
                 def train(mode: str, count: int, seed: int) -> float:
                     if mode in pipelines:
@@ -423,8 +433,13 @@ def run(settings: Settings, modes: Sequence[str] = MODES) -> list[Row]:
                     train(mode, settings.warm_batches, seed=0)
                 for index in range(settings.rounds):
                     for mode in modes:
+                        before = _cpu_seconds(pids[mode])
                         rate = train(mode, settings.batches_per_round, seed=1 + index)
+                        used = _cpu_seconds(pids[mode]) - before
                         rates[mode].append(rate)
+                        cpu[mode].append(
+                            1000 * used / (settings.batches_per_round * BATCH_SIZE)
+                        )
                         logger.info("round %d %s: %.1f samples/s", index, mode, rate)
             finally:
                 if single is not None:
@@ -436,12 +451,23 @@ def run(settings: Settings, modes: Sequence[str] = MODES) -> list[Row]:
         rows = []
         for mode in modes:
             if mode not in pipelines:
-                rows.append(Row(mode, median(rates[mode]), 0.0, 0.0))
+                rows.append(Row(mode, median(rates[mode]), 0.0, 0.0, median(cpu[mode])))
                 continue
             counted = pipelines[mode].counted()
             wire = (counted["bytes_in"] + counted["bytes_out"]) / samples
-            rows.append(Row(mode, median(rates[mode]), wire, payload))
+            rows.append(
+                Row(mode, median(rates[mode]), wire, payload, median(cpu[mode]))
+            )
     return rows
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User and system CPU seconds used so far by the processes ``pids``."""
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def _split_options(mode: str, settings: Settings) -> dict[str, int]:
@@ -466,13 +492,22 @@ def _split_options(mode: str, settings: Settings) -> dict[str, int]:
 
 
 def render(rows: Sequence[Row]) -> str:
-    """The table, the ratios to ``single-process`` and the framing overhead."""
+    """The table, the ratios to ``single-process`` and the framing overhead.
+
+    The CPU column (milliseconds of CPU used by all of the mode's processes,
+    this one included, per sample) depends much less than samples per second
+    on what else the machine runs, so on a shared machine it is the fairer
+    measure of what splitting costs; threads that spin at a barrier while
+    their sibling waits for a core still count, which inflates it for the
+    modes with several threads per process.
+    """
     table = render_table(
-        ("mode", "samples/s", "wire B/sample", "payload B/sample"),
+        ("mode", "samples/s", "CPU ms/sample", "wire B/sample", "payload B/sample"),
         [
             (
                 r.mode,
                 r.samples_per_s,
+                r.cpu_ms_per_sample,
                 r.wire_bytes_per_sample,
                 r.payload_bytes_per_sample,
             )
@@ -480,15 +515,20 @@ def render(rows: Sequence[Row]) -> str:
         ],
     )
     lines = [table, ""]
-    single = next((r.samples_per_s for r in rows if r.mode == "single-process"), None)
+    single = next((r for r in rows if r.mode == "single-process"), None)
     for r in rows:
         if r.mode == "single-process":
             continue
-        if single:
-            ratio = r.samples_per_s / single
+        if single is not None and single.samples_per_s:
+            ratio = r.samples_per_s / single.samples_per_s
             verdict = "met" if ratio >= 0.9 else "MISSED"
             lines.append(
                 f"{r.mode}/single-process: {ratio:.2f} (goal >= 0.9: {verdict})"
+            )
+        if single is not None and single.cpu_ms_per_sample:
+            extra = r.cpu_ms_per_sample / single.cpu_ms_per_sample - 1
+            lines.append(
+                f"{r.mode} CPU per sample: {100 * extra:+.1f}% of single-process"
             )
         overhead = r.framing_overhead
         if overhead is not None:
