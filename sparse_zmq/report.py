@@ -29,7 +29,7 @@ are shown as ``-`` and explained on a line under the table.
 
 Example::
 
-    print(render_report(Path("runs/demo")))
+    sys.stdout.write(render_report(Path("runs/demo")))
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,7 +178,7 @@ def load_checkpoint(
         return None
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, EOFError, RuntimeError or an unpickling error
         raise ConfigError(
             f"checkpoint {path} cannot be read as a weights-only torch file: "
             f"{type(exc).__name__}: {exc}"
