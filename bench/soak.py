@@ -236,8 +236,8 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
 
     def watch(self, pid: int, role: str) -> None:
+        self._first[pid] = self.rss_mib(pid)  # before the sampling thread sees it
         self.pids[pid] = role
-        self._first[pid] = self.rss_mib(pid)
 
     def rss_mib(self, pid: int) -> float:
         try:
@@ -557,7 +557,16 @@ def _wait(
     deadline = time.monotonic() + WAIT_S
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
+            state = ""
+            if master is not None:
+                retries = collections.Counter(
+                    p.retries for p in master.pending.values()
+                )
+                state = (
+                    f"; {len(master.pending)} tasks pending (by retries {dict(retries)}),"
+                    f" master {master.stats}, broker {master.broker_stats}"
+                )
+            raise TimeoutError(f"timed out waiting for {what}{state}")
         if master is not None and tally is not None:
             reply = master.receive(0.02)
             if reply is not None:
@@ -780,8 +789,14 @@ def overload(
         cluster.start_broker()
         for i in range(workers):
             cluster.start_worker(f"echo-{i}")
+        # A master that lags behind its answers has some dropped by the
+        # broker (its queue to the master full): retry_after_s recovers them.
         with _master(
-            cluster.frontend, context, max_retries=2, busy_backoff_s=0.05
+            cluster.frontend,
+            context,
+            max_retries=2,
+            busy_backoff_s=0.05,
+            retry_after_s=2.0,
         ) as master:
             _wait(
                 lambda: master.broker_stats.get("workers", 0) == workers,
@@ -819,6 +834,7 @@ def overload(
         peak_queued=broker.get("peak_queued"),
         peak_queued_bytes=broker.get("peak_queued_bytes"),
         rejected_busy=broker.get("rejected_busy"),
+        answers_not_delivered=broker.get("master_unreachable"),
     )
     return result
 

@@ -40,9 +40,13 @@ What a master guarantees:
   ``busy``; the master re-sends after a backoff (``busy_backoff_s``,
   doubling up to ``busy_backoff_max_s``), and once ``max_retries`` re-sends
   are spent the task ends as failed with the broker's busy reason
-  (:attr:`Reply.busy`). A task unanswered for ``retry_after_s`` is re-sent
-  too (in case a dropped connection lost it); re-sends after a broker
-  restart or silence do not count against ``max_retries``.
+  (:attr:`Reply.busy`). Only busy answers count against ``max_retries``.
+* **Lost messages are made good by re-sending.** A task unanswered for
+  ``retry_after_s`` is sent again, and so is every pending task after a
+  broker restart or silence: a connection that dropped, or a broker that
+  could not deliver an answer because this master was not reading (its
+  queue to the master full), may have lost the task or its answer. These
+  re-sends go on, every ``retry_after_s``, until the task's deadline.
 * **Size is checked before sending**: :meth:`Master.submit` refuses a task
   larger than ``max_message_bytes`` with a
   :class:`~sparse_zmq.errors.ProtocolError` naming both sizes.
@@ -115,9 +119,11 @@ class MasterConfig:
     Attributes:
         task_timeout_s: Default time a task may stay unanswered before it
             ends as timed out.
-        retry_after_s: A task unanswered this long is sent again (same id).
-        max_retries: Most re-sends of one task after busy answers or
-            ``retry_after_s``; re-sends after a broker restart do not count.
+        retry_after_s: A task unanswered this long is sent again (same id),
+            and again after each further ``retry_after_s``, until its
+            deadline.
+        max_retries: Most re-sends of one task after busy answers; the
+            next busy answer ends the task as failed.
         busy_backoff_s: Wait before the first re-send of a task the broker
             refused as busy; it doubles with each further busy answer.
         busy_backoff_max_s: Longest wait between busy re-sends.
@@ -193,7 +199,7 @@ class Pending:
         deadline: Wall-clock time at which it ends as timed out.
         context: Whatever the caller passed to :meth:`Master.submit`.
         frames: Its encoded frames, kept for re-sending.
-        retries: Re-sends counted against ``max_retries``.
+        retries: Re-sends after busy answers, counted against ``max_retries``.
         last_sent: Monotonic time of its latest send (0 if never sent).
         resend_at: Monotonic time of a scheduled re-send, or None.
     """
@@ -527,19 +533,12 @@ class Master:
             if pending.resend_at is not None:
                 if now >= pending.resend_at:
                     self._send(pending, resend=True)
-            elif (
-                not self._silent
-                and pending.retries < config.max_retries
-                and now - pending.last_sent >= config.retry_after_s
-            ):
-                pending.retries += 1
+            elif not self._silent and now - pending.last_sent >= config.retry_after_s:
                 logger.info(
-                    "%s: task %s unanswered for %.1fs, sent again (retry %d of %d)",
+                    "%s: task %s unanswered for %.1fs, sent again",
                     self.name,
                     pending.task_id,
                     now - pending.last_sent,
-                    pending.retries,
-                    config.max_retries,
                 )
                 self._send(pending, resend=True)
         return [self._timed_out(p) for p in self.expired()]
