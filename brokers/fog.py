@@ -99,7 +99,6 @@ import logging
 import math
 import os
 import re
-import signal
 import string
 import threading
 import time
@@ -107,13 +106,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from sparse_zmq.errors import ConfigError, ProtocolError
+from sparse_zmq.lifecycle import atomic_write_text, stop_on_signals
 from sparse_zmq.master import DEFAULT_MAX_MESSAGE_BYTES
 from sparse_zmq.protocol import (
     Header,
@@ -1246,13 +1246,6 @@ class FogBroker:
         return True
 
 
-def _write_ready_file(path: Path, content: dict[str, Any]) -> None:
-    """Write ``content`` as JSON so that readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def serve(
     frontend: str,
     backend: str,
@@ -1283,34 +1276,20 @@ def serve(
     Raises:
         ConfigError: An endpoint cannot be bound or the config is invalid.
     """
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("%s: got %s, stopping", name, signal.Signals(signum).name)
-        stop.set()
-
-    previous = {
-        sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        with FogBroker(
-            frontend, backend, config=config, name=name, curve=curve
-        ) as broker:
-            bound_frontend, bound_backend = broker.bind()
-            if ready_file is not None:
-                _write_ready_file(
-                    Path(ready_file),
-                    {
-                        "frontend": bound_frontend,
-                        "backend": bound_backend,
-                        "pid": os.getpid(),
-                    },
-                )
-            broker.run(stop)
-            return dict(broker.stats)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop, FogBroker(
+        frontend, backend, config=config, name=name, curve=curve
+    ) as broker:
+        bound_frontend, bound_backend = broker.bind()
+        if ready_file is not None:
+            atomic_write_text(
+                ready_file,
+                json.dumps(
+                    {"frontend": bound_frontend, "backend": bound_backend, "pid": os.getpid()}
+                ),
+            )
+        broker.run(stop)
+        logger.info("%s: got %s, stopping", name, stop.signal_name)
+        return dict(broker.stats)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")

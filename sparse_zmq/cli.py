@@ -213,7 +213,6 @@ def _optimizer(args: argparse.Namespace):  # noqa: ANN202 - lazy torch import
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     from brokers.fog import BrokerConfig, parse_bytes, serve
-
     from sparse_zmq.security import warn_if_exposed
 
     curve = _curve(args)
@@ -229,11 +228,10 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from stages.models import parse_split
-    from stages.training import SplitTrainingStage, build_partition
-
     from sparse_zmq.monitor import MonitorClient
     from sparse_zmq.stage import StageRuntime
+    from stages.models import parse_split
+    from stages.training import SplitTrainingStage, build_partition
 
     _torch_setup(args)
     split = parse_split(args.split) if args.split else []
@@ -253,25 +251,24 @@ def _cmd_stage(args: argparse.Namespace) -> int:
                                   args.partition), every=args.checkpoint_every)
     stage = SplitTrainingStage(module, last=last, optimizer=_optimizer(args), name=name,
                                checkpoint=checkpoint)
-    stop = stop_on_signals()
     monitor = MonitorClient(args.monitor, node=args.node, stage=name, role="stage")
     runtime = StageRuntime(stage, args.backend, next_frontend=args.next, node=args.node,
                            slots=args.slots, monitor=monitor, curve=_curve(args))
     try:
-        runtime.run(stop)
+        with stop_on_signals() as stop:
+            runtime.run(stop)
     finally:
         runtime.close()
     return 0
 
 
 def _cmd_source(args: argparse.Namespace) -> int:
+    from sparse_zmq.master import Master
+    from sparse_zmq.monitor import MonitorClient
     from stages.data import load_dataset
     from stages.models import parse_split
     from stages.source import TrainingSource
     from stages.training import build_partition
-
-    from sparse_zmq.master import Master
-    from sparse_zmq.monitor import MonitorClient
 
     _torch_setup(args)
     # SIGTERM ends the source like Ctrl-C: the main loop unwinds and closes sockets.

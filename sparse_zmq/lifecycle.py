@@ -6,9 +6,11 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["configure_logging", "stop_on_signals", "atomic_write_text"]
+__all__ = ["StopEvent", "configure_logging", "stop_on_signals", "atomic_write_text"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -18,23 +20,34 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT)
 
 
-def stop_on_signals() -> threading.Event:
-    """Return an event that SIGINT or SIGTERM sets (main thread only).
+class StopEvent(threading.Event):
+    """An event set by a stop signal, remembering which one (None until then)."""
 
-    Loops poll with a short timeout and check the event, so a process stops
-    within one poll interval plus its sockets' linger.
+    signal_name: str | None = None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopEvent]:
+    """Yield an event that SIGINT or SIGTERM sets; restore the old handlers after.
+
+    Must be entered in the main thread (only it may install signal handlers).
+    The handler only sets the event: it may interrupt any call, a logging call
+    included, so it does nothing that takes a lock. Loops poll with a short
+    timeout and check the event, so a process stops within one poll interval
+    plus its sockets' linger.
     """
-    stop = threading.Event()
+    stop = StopEvent()
 
     def _handler(signum: int, _frame: FrameType | None) -> None:
-        logging.getLogger(__name__).info(
-            "pid %d: %s received, stopping", os.getpid(), signal.Signals(signum).name
-        )
+        stop.signal_name = signal.Signals(signum).name
         stop.set()
 
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
-    return stop
+    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def atomic_write_text(path: os.PathLike[str] | str, text: str) -> None:

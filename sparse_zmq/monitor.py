@@ -66,7 +66,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket as std_socket
 import tempfile
 import threading
@@ -75,12 +74,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType, ModuleType, TracebackType
+from types import ModuleType, TracebackType
 from typing import Any
 
 import zmq
 
 from sparse_zmq.errors import ConfigError, ProtocolError
+from sparse_zmq.lifecycle import stop_on_signals
 from sparse_zmq.sampling import (
     GPU_COLUMNS,
     HOST_COLUMNS,
@@ -1316,25 +1316,12 @@ def serve(
             f"serve() must run in the main thread to install signal handlers, "
             f"got thread {threading.current_thread().name!r}"
         )
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()  # only this: the handler may interrupt a logging call
-
-    previous = {
-        signum: signal.signal(signum, request_stop)
-        for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        with MonitorServer(
-            out_dir,
-            endpoint,
-            node=node,
-            sample_interval_s=sample_interval_s,
-            run_info=run_info,
-            nvml=nvml,
-        ) as server:
-            return server.run(stop)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with stop_on_signals() as stop, MonitorServer(
+        out_dir,
+        endpoint,
+        node=node,
+        sample_interval_s=sample_interval_s,
+        run_info=run_info,
+        nvml=nvml,
+    ) as server:
+        return server.run(stop)
