@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import zmq
 
-from sparse_zmq.codec import DTYPES, decode_tensor, encode_tensor
+from sparse_zmq.codec import DTYPES, ITEMSIZES, decode_tensor, encode_tensor
 from sparse_zmq.errors import ProtocolError
 
 __all__ = [
@@ -111,10 +112,7 @@ class Header:
     @property
     def tensor_bytes(self) -> list[int]:
         """Byte size each tensor frame must have."""
-        return [
-            math.prod(t["shape"]) * torch.empty((), dtype=DTYPES[t["dtype"]]).element_size()
-            for t in self.tensors
-        ]
+        return [math.prod(t["shape"]) * ITEMSIZES[t["dtype"]] for t in self.tensors]
 
 
 @dataclass
@@ -153,6 +151,31 @@ def split_envelope(frames: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     raise ProtocolError(
         f"message of {len(frames)} frames has no empty delimiter frame before its header"
     )
+
+
+NOBLOCK = int(zmq.NOBLOCK)
+"""``zmq.NOBLOCK`` as a plain integer (pyzmq's flags are enums, slow to combine)."""
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def send_frames(socket: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
+    """Send ``frames`` as one multipart message, tensor buffers without copying.
+
+    What ``socket.send_multipart(frames, flags, copy=False)`` does, without
+    its per-frame type checks and enum arithmetic, which cost more than the
+    send itself for small messages. Frames below the socket's
+    ``copy_threshold`` are copied by pyzmq as usual; larger ones (tensor
+    buffers, received frames being forwarded) go to ZeroMQ by reference.
+
+    Raises:
+        zmq.Again: ``flags`` has :data:`NOBLOCK` and the message cannot be
+            queued now.
+    """
+    more = flags | _SNDMORE
+    send = socket.send
+    for frame in frames[:-1]:
+        send(frame, more, copy=False)
+    send(frames[-1], flags, copy=False)
 
 
 def _frame_bytes(frame: Any) -> bytes:

@@ -26,14 +26,14 @@ micro-batches flow through the stages back to back. An offload inherits the
 ``stream`` of the task it serves, so the next broker pins a training stream
 to one worker as the first broker does.
 
-The broker link. A thread of its own owns the worker's DEALER, so that
-heartbeats keep flowing while :meth:`Stage.process` computes for longer than
-the broker's liveness timeout. The thread:
+The broker link. The poll loop owns the worker's DEALER and reads tasks
+from it directly, so a task crosses no thread of ours on its way in or out.
+While :meth:`Stage.process` computes, a small keeper thread borrows the
+socket (behind a lock) to send the heartbeats that fall due, so a task may
+compute for longer than the broker's liveness timeout. The link:
 
 * connects under an identity unique to this process and connection,
   ``<node>/<stage>/<pid>/<random>``, and announces ``slots`` free slots;
-* forwards tasks to the poll loop and replies back, over an inproc PAIR,
-  without copying frames;
 * sends a heartbeat every interval: the broker's (learnt from its first
   heartbeat), or ``heartbeat_interval_s * liveness`` before one has come;
 * reconnects as a new worker, under a new identity, when a broker that has
@@ -58,13 +58,14 @@ are counted in :attr:`StageRuntime.stats`. A task or result larger than
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,12 +77,14 @@ from sparse_zmq.master import DEFAULT_MAX_MESSAGE_BYTES, LINGER_MS, Master, Mast
 from sparse_zmq.monitor import MonitorClient
 from sparse_zmq.protocol import (
     DEFAULT_LIMITS,
+    NOBLOCK as _NOBLOCK,
     Kind,
     Limits,
     Message,
     error_frames,
     pack,
     parse_header,
+    send_frames,
     split_envelope,
     unpack,
 )
@@ -98,8 +101,6 @@ STOP_TIMEOUT_S = 5.0
 """Longest wait for the broker link thread to say goodbye and close."""
 
 _READY_SLOTS_META = "slots"
-_RESET = pack(Message(Kind.DISCONNECT))[0]
-"""Header the link sends the poll loop after reconnecting as a new worker."""
 
 
 @dataclass
@@ -170,12 +171,19 @@ class _Running:
 
 
 class _BrokerLink:
-    """The worker's connection to its broker, served by a thread of its own.
+    """The worker's connection to its broker.
 
-    The poll loop talks to :attr:`socket` (an inproc PAIR) exactly as it
-    would to the broker: tasks arrive with their envelope, replies leave
-    with it. Everything else (identity, ``ready``, heartbeats, liveness of
-    the broker, reconnecting) happens in the thread.
+    The poll loop owns the DEALER and reads tasks from it directly, so a task
+    crosses no extra thread on its way in or out. While the loop computes
+    (inside :meth:`busy`), a keeper thread may borrow the socket to send
+    heartbeats. A lock decides who holds the socket at any moment: the loop
+    holds it except while it computes, and the keeper only takes it when it
+    is free. Handing a socket from thread to thread behind a lock is what
+    ZeroMQ allows (the lock is the full memory barrier it asks for).
+
+    Everything else about the broker (identity, ``ready``, heartbeats, the
+    broker's liveness, reconnecting) happens here too; the loop calls
+    :meth:`receive` when the socket is readable and :meth:`tick` every turn.
     """
 
     def __init__(
@@ -200,6 +208,8 @@ class _BrokerLink:
         }
         self.identity = b""
         self.broker: str | None = None
+        self.on_reset: Any = None
+        """Called (by the loop's thread) after reconnecting as a new worker."""
         self._context = context
         self._where = where
         self._own_interval = heartbeat_interval_s
@@ -210,19 +220,11 @@ class _BrokerLink:
         self._liveness = liveness
         self._heard_at: float | None = None
         self._next_beat = 0.0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-        endpoint = f"inproc://sparse-zmq-link-{uuid.uuid4().hex}"
-        self.socket: zmq.Socket[Any] = context.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(endpoint)
-        self._inner: zmq.Socket[Any] = context.socket(zmq.PAIR)
-        self._inner.setsockopt(zmq.LINGER, 0)
-        # Blocked sends wake up to heartbeat and to check the stop event.
-        self._inner.setsockopt(zmq.SNDTIMEO, POLL_MS)
-        self._inner.connect(endpoint)
-        self._dealer = self._connect()
+        self._keeper: threading.Thread | None = None
+        self._closed = False
+        self.socket: zmq.Socket[Any] = self._connect()
 
     def _connect(self) -> zmq.Socket[Any]:
         """A new DEALER to the broker under a new identity."""
@@ -231,46 +233,14 @@ class _BrokerLink:
         dealer: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, LINGER_MS)
         dealer.setsockopt(zmq.IDENTITY, self.identity)
-        dealer.setsockopt(zmq.SNDTIMEO, POLL_MS)
         if self._curve is not None:
             secure_client(dealer, self._curve)
         dealer.connect(self.backend)
         return dealer
 
     def start(self) -> None:
-        """Announce the slots and serve the link in a thread."""
-        self._thread = threading.Thread(
-            target=self._run, name=f"broker-link {self._where}", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Withdraw from the broker and close every socket (bounded wait)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(STOP_TIMEOUT_S)
-            if self._thread.is_alive():
-                logger.warning("%s: broker link did not stop in time", self._where)
-                return
-        else:
-            self._dealer.close(linger=0)
-            self._inner.close()
-        self.socket.close()
-
-    # The thread.
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        finally:
-            try:
-                self._control(Kind.DISCONNECT, {})
-            except zmq.ZMQError:
-                pass
-            self._dealer.close(linger=LINGER_MS)
-            self._inner.close()
-
-    def _serve(self) -> None:
+        """Take the socket for the calling thread, announce the slots, start the keeper."""
+        self._lock.acquire()
         self._control(Kind.READY, {_READY_SLOTS_META: self.slots})
         logger.info(
             "%s: announced %d slots to %s as worker %s",
@@ -279,32 +249,116 @@ class _BrokerLink:
             self.backend,
             self.identity.decode("utf-8", "replace"),
         )
-        poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._inner, zmq.POLLIN)
         self._next_beat = time.monotonic() + self._beat_interval()
-        while not self._stop.is_set():
-            wait_ms = min(POLL_MS, int((self._next_beat - time.monotonic()) * 1000) + 1)
-            wait_ms = max(0, wait_ms)
-            events = dict(poller.poll(wait_ms))
-            if self._dealer in events:
-                old = self._dealer
-                self._from_broker()
-                if self._dealer is not old:
-                    poller.unregister(old)
-                    poller.register(self._dealer, zmq.POLLIN)
-            if self._inner in events:
-                self._from_loop()
-            now = time.monotonic()
-            self._beat_if_due(now)
-            silence = self._interval * self._liveness
-            if self._heard_at is not None and now - self._heard_at > silence:
-                old = self._dealer
-                self._reconnect(
-                    f"the broker has been silent for {now - self._heard_at:.1f}s"
-                )
-                poller.unregister(old)
-                poller.register(self._dealer, zmq.POLLIN)
+        if self._keeper is None:
+            self._keeper = threading.Thread(
+                target=self._keep, name=f"heartbeats {self._where}", daemon=True
+            )
+            self._keeper.start()
+
+    def release(self) -> None:
+        """Give the socket up (the loop has ended)."""
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Lend the socket to the keeper while the calling thread computes."""
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+
+    def stop(self) -> None:
+        """Withdraw from the broker and close the socket (bounded wait)."""
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join(STOP_TIMEOUT_S)
+        if not self._lock.acquire(timeout=STOP_TIMEOUT_S):
+            logger.warning("%s: broker link is still in use; not closed", self._where)
+            return
+        try:
+            if not self._closed:
+                self._closed = True
+                try:
+                    self._control(Kind.DISCONNECT, {})
+                finally:
+                    self.socket.close(linger=LINGER_MS)
+        finally:
+            self._lock.release()
+
+    def _keep(self) -> None:
+        """Send the heartbeats that fall due while the loop computes.
+
+        Wakes at least twice per heartbeat interval; when the loop holds the
+        socket it beats by itself, and the keeper just looks again later.
+        """
+        while not self._stop.wait(
+            max(0.005, min(self._next_beat - time.monotonic(), self._interval / 2))
+        ):
+            if self._lock.acquire(blocking=False):
+                try:
+                    if not self._closed:
+                        self._beat_if_due(time.monotonic())
+                finally:
+                    self._lock.release()
+
+    # Called by the loop, holding the socket.
+
+    def wait_ms(self, longest_ms: int) -> int:
+        """How long the loop may poll before the next heartbeat is due."""
+        due_ms = int((self._next_beat - time.monotonic()) * 1000) + 1
+        return max(0, min(longest_ms, due_ms))
+
+    def receive(self) -> list[list[zmq.Frame]]:
+        """Read what the broker sent; return the messages meant for the loop.
+
+        Heartbeats and ``disconnect`` are handled here; everything else,
+        tasks and malformed messages alike, goes to the loop.
+        """
+        dealer = self.socket
+        messages = []
+        for _ in range(256):
+            try:
+                frames = dealer.recv_multipart(_NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            if self._heard_at is not None:
+                self._heard_at = time.monotonic()
+            if len(frames[0]) == 0 and self._on_control(frames):
+                if self.socket is not dealer:
+                    break  # reconnected: what the old socket held is stale
+                continue
+            messages.append(frames)
+        return messages
+
+    def tick(self) -> None:
+        """Heartbeat if due; reconnect if the broker has fallen silent."""
+        now = time.monotonic()
+        self._beat_if_due(now)
+        silence = self._interval * self._liveness
+        if self._heard_at is not None and now - self._heard_at > silence:
+            self._reconnect(f"the broker has been silent for {now - self._heard_at:.1f}s")
+
+    def send(self, frames: list[Any]) -> None:
+        """Send a reply to the broker; drop it if the broker stops reading."""
+        deadline = time.monotonic() + self._interval * self._liveness
+        while True:
+            try:
+                send_frames(self.socket, frames, _NOBLOCK)
+                return
+            except zmq.Again:
+                now = time.monotonic()
+                if now > deadline or self._stop.is_set():
+                    break
+                self._beat_if_due(now)
+                self.socket.poll(POLL_MS, zmq.POLLOUT)
+        self.stats["replies_dropped"] += 1
+        logger.warning(
+            "%s: the broker at %s does not take replies; one dropped",
+            self._where,
+            self.backend,
+        )
 
     def _beat_if_due(self, now: float) -> None:
         if now >= self._next_beat:
@@ -317,27 +371,12 @@ class _BrokerLink:
             return self._own_interval * self._own_liveness
         return self._interval
 
-    def _from_broker(self) -> None:
-        dealer = self._dealer
-        for _ in range(256):
-            try:
-                frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if self._heard_at is not None:
-                self._heard_at = time.monotonic()
-            if len(frames[0]) == 0 and self._on_control(frames):
-                if self._dealer is not dealer:
-                    return  # reconnected: what the old socket held is stale
-                continue
-            self._to_loop(frames)
-
     def _on_control(self, frames: list[zmq.Frame]) -> bool:
         """Handle a broker heartbeat or disconnect; False for anything else."""
         try:
             message = unpack(frames[1:], self._limits)
         except ProtocolError:
-            return False  # the poll loop answers and counts it
+            return False  # the loop answers and counts it
         if message.kind is Kind.HEARTBEAT:
             # Silence counts from the first heartbeat on: a broker that never
             # sends any is never taken for dead.
@@ -376,53 +415,17 @@ class _BrokerLink:
             )
             self.broker = broker
 
-    def _from_loop(self) -> None:
-        for _ in range(256):
-            try:
-                frames = self._inner.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._to_broker(frames)
-
-    def _to_loop(self, frames: list[Any]) -> None:
-        """Hand a message to the poll loop, heartbeating while it is busy."""
-        while not self._stop.is_set():
-            try:
-                self._inner.send_multipart(frames, copy=False)
-                return
-            except zmq.Again:
-                self._beat_if_due(time.monotonic())
-
-    def _to_broker(self, frames: list[Any]) -> None:
-        """Send a reply to the broker; drop it if the broker stops reading."""
-        deadline = time.monotonic() + self._interval * self._liveness
-        while not self._stop.is_set():
-            try:
-                self._dealer.send_multipart(frames, copy=False)
-                return
-            except zmq.Again:
-                if time.monotonic() > deadline:
-                    break
-        self.stats["replies_dropped"] += 1
-        logger.warning(
-            "%s: the broker at %s does not take replies; one dropped",
-            self._where,
-            self.backend,
-        )
-
     def _control(self, kind: Kind, meta: dict[str, Any]) -> None:
         try:
-            self._dealer.send_multipart(
-                [b"", *pack(Message(kind, meta=meta))], zmq.NOBLOCK
-            )
+            send_frames(self.socket, [b"", *pack(Message(kind, meta=meta))], _NOBLOCK)
         except zmq.Again:
             pass
 
     def _reconnect(self, reason: str) -> None:
-        """Start afresh as a new worker and tell the poll loop."""
+        """Start afresh as a new worker and tell the loop."""
         old = self.identity.decode("utf-8", "replace")
-        self._dealer.close(linger=0)
-        self._dealer = self._connect()
+        self.socket.close(linger=0)
+        self.socket = self._connect()
         self._heard_at = None
         self._interval, self._liveness = self._own_interval, self._own_liveness
         self.stats["reconnects"] += 1
@@ -434,8 +437,10 @@ class _BrokerLink:
             self.backend,
             self.identity.decode("utf-8", "replace"),
         )
-        self._to_loop([b"", _RESET])
         self._control(Kind.READY, {_READY_SLOTS_META: self.slots})
+        self._next_beat = time.monotonic() + self._beat_interval()
+        if self.on_reset is not None:
+            self.on_reset()
 
 
 class StageRuntime:
@@ -509,7 +514,7 @@ class StageRuntime:
             limits=limits,
             curve=curve,
         )
-        self._worker = self._link.socket
+        self._link.on_reset = self._abandon
         self._next = (
             Master(
                 next_frontend,
@@ -542,23 +547,33 @@ class StageRuntime:
 
     def run(self, stop: threading.Event) -> None:
         """Serve tasks until ``stop`` is set."""
+        link = self._link
+        link.start()
         poller = zmq.Poller()
-        poller.register(self._worker, zmq.POLLIN)
+        polled = link.socket
+        poller.register(polled, zmq.POLLIN)
         if self._next is not None:
             poller.register(self._next.socket, zmq.POLLIN)
-        self._link.start()
-
-        while not stop.is_set():
-            events = dict(poller.poll(POLL_MS))
-            if self._worker in events:
-                self._on_message(self._worker.recv_multipart(copy=False))
-            if self._next is not None:
-                if self._next.socket in events:
-                    reply = self._next.read()
-                    if reply is not None:
+        try:
+            while not stop.is_set():
+                events = dict(poller.poll(link.wait_ms(POLL_MS)))
+                if polled in events:
+                    for frames in link.receive():
+                        self._on_task(frames)
+                if self._next is not None:
+                    if self._next.socket in events:
+                        reply = self._next.read()
+                        if reply is not None:
+                            self._resume(reply)
+                    for reply in self._next.tick():
                         self._resume(reply)
-                for reply in self._next.tick():
-                    self._resume(reply)
+                link.tick()
+                if link.socket is not polled:  # reconnected as a new worker
+                    poller.unregister(polled)
+                    polled = link.socket
+                    poller.register(polled, zmq.POLLIN)
+        finally:
+            link.release()
         logger.info(
             "%s: stopping with %d tasks in flight",
             self._where,
@@ -588,12 +603,6 @@ class StageRuntime:
             self._advance(
                 running, error=RemoteError(reply.message.task_id, reply.reason)
             )
-
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) == 2 and len(frames[0]) == 0 and frames[1].bytes == _RESET:
-            self._abandon()
-            return
-        self._on_task(frames)
 
     def _abandon(self) -> None:
         """Drop the tasks waiting on offloads: the broker re-sent them elsewhere."""
@@ -647,14 +656,15 @@ class StageRuntime:
                 raise ProtocolError(f"task meta 'op' must be a string, got {op!r:.40}")
         except ProtocolError as exc:
             self._malformed("malformed task rejected", exc)
-            self._worker.send_multipart([*envelope, b"", *error_frames("", str(exc))])
+            self._link.send([*envelope, b"", *error_frames("", str(exc))])
             return
 
         task = Task(message.task_id, op, message.tensors, message.meta)
         first = next(iter(task.tensors.values()), None)
         batch_size = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
         try:
-            output = self.stage.process(task)
+            with self._link.busy():
+                output = self.stage.process(task)
         except Exception as exc:  # noqa: BLE001 - one bad task must not end the loop
             self._fail(task, envelope, started, bytes_in, batch_size, exc)
             return
@@ -674,10 +684,11 @@ class StageRuntime:
     ) -> None:
         """Resume a task's generator with a reply (or error) and act on what it yields."""
         try:
-            if error is not None:
-                request = running.generator.throw(error)
-            else:
-                request = running.generator.send(reply)  # type: ignore[arg-type]
+            with self._link.busy():
+                if error is not None:
+                    request = running.generator.throw(error)
+                else:
+                    request = running.generator.send(reply)  # type: ignore[arg-type]
         except StopIteration as done:
             result = done.value if isinstance(done.value, Result) else Result()
             self._finish(
@@ -755,7 +766,7 @@ class StageRuntime:
                 ),
             )
             return
-        self._worker.send_multipart([*envelope, b"", *frames], copy=False)
+        self._link.send([*envelope, b"", *frames])
         self.stats["tasks"] += 1
         self.monitor.task(
             task.task_id,
@@ -786,7 +797,7 @@ class StageRuntime:
             exc_info=not isinstance(exc, (RemoteError, TaskTimeout, ProtocolError)),
         )
         frames = error_frames(task.task_id, reason)
-        self._worker.send_multipart([*envelope, b"", *frames])
+        self._link.send([*envelope, b"", *frames])
         self.stats["errors"] += 1
         self.monitor.task(
             task.task_id,
