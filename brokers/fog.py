@@ -116,6 +116,7 @@ from sparse_zmq.errors import ConfigError, ProtocolError
 from sparse_zmq.lifecycle import atomic_write_text, stop_on_signals
 from sparse_zmq.master import DEFAULT_MAX_MESSAGE_BYTES
 from sparse_zmq.protocol import (
+    NOBLOCK,
     Header,
     Kind,
     Limits,
@@ -124,6 +125,8 @@ from sparse_zmq.protocol import (
     error_frames,
     pack,
     parse_header,
+    recv_frames,
+    send_frames,
     split_envelope,
 )
 from sparse_zmq.security import CurveConfig, ServerGuard, secure_server
@@ -344,6 +347,10 @@ def _peer(identity: bytes | Sequence[bytes]) -> str:
             return text
         return identity.hex()
     return "|".join(_peer(part) for part in identity)
+
+
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def _stream_of(header: Header, limits: Limits) -> str | None:
@@ -645,7 +652,7 @@ class FogBroker:
         """Handle up to ``config.batch`` waiting messages from ``sock``."""
         for _ in range(self.config.batch):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -661,6 +668,8 @@ class FogBroker:
                     exc.__class__.__name__,
                     exc,
                 )
+            if not sock.get(_EVENTS) & _POLLIN:
+                return  # drained, without the cost of a zmq.Again
 
     def _count_disconnects(self, monitor: zmq.Socket[Any], counter: str) -> None:
         while monitor.poll(0):
@@ -1167,8 +1176,8 @@ class FogBroker:
     def _send_task(self, worker: _Worker, task: _Task) -> None:
         """Send ``task`` to ``worker``; on failure put it back at the front."""
         try:
-            self._backend.send_multipart(
-                [worker.identity, *task.route, b"", *task.body], zmq.NOBLOCK, copy=False
+            send_frames(
+                self._backend, [worker.identity, *task.route, b"", *task.body], NOBLOCK
             )
         except zmq.ZMQError as exc:
             self.stats["worker_unreachable"] += 1
@@ -1203,7 +1212,7 @@ class FogBroker:
     def _send_worker(self, identity: bytes, body: Sequence[Any]) -> None:
         """Send a control message to a worker; a vanished one is declared lost."""
         try:
-            self._backend.send_multipart([identity, b"", *body], zmq.NOBLOCK)
+            send_frames(self._backend, [identity, b"", *body], NOBLOCK)
         except zmq.ZMQError as exc:
             self.stats["worker_unreachable"] += 1
             worker = self._workers.get(identity)
@@ -1232,7 +1241,7 @@ class FogBroker:
     ) -> bool:
         """Send ``body`` to the master at ``route``; False if it cannot be reached."""
         try:
-            self._frontend.send_multipart([*route, b"", *body], zmq.NOBLOCK, copy=False)
+            send_frames(self._frontend, [*route, b"", *body], NOBLOCK)
         except zmq.ZMQError as exc:
             self.stats["master_unreachable"] += 1
             logger.warning(

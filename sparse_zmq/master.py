@@ -74,10 +74,13 @@ import zmq
 from sparse_zmq.errors import ConfigError, ProtocolError, RemoteError, TaskTimeout
 from sparse_zmq.protocol import (
     DEFAULT_LIMITS,
+    NOBLOCK,
     Kind,
     Limits,
     Message,
     pack,
+    recv_frames,
+    send_frames,
     split_envelope,
     unpack,
 )
@@ -352,6 +355,8 @@ class Master:
         if curve is not None:
             secure_client(self.socket, curve)
         self.socket.connect(endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self.socket, zmq.POLLIN)
         logger.info(
             "%s: master %s connected to %s", name, self.identity.decode(), endpoint
         )
@@ -428,7 +433,7 @@ class Master:
             handles itself, malformed, or for a task not pending (all
             counted).
         """
-        frames = self.socket.recv_multipart(copy=False)
+        frames = recv_frames(self.socket)
         now = time.monotonic()
         self._heard(now)
         size = sum(len(f) for f in frames)
@@ -560,7 +565,7 @@ class Master:
             if remaining <= 0:
                 return None
             wait_ms = int(min(remaining, TICK_S) * 1000) + 1
-            if self.socket.poll(wait_ms):
+            if self._poller.poll(wait_ms):
                 reply = self.read()
                 if reply is not None:
                     return reply
@@ -624,7 +629,7 @@ class Master:
     def _send(self, pending: Pending, *, resend: bool = False) -> None:
         """Send a task's frames; if the socket cannot take them, retry next tick."""
         try:
-            self.socket.send_multipart([b"", *pending.frames], zmq.NOBLOCK, copy=False)
+            send_frames(self.socket, [b"", *pending.frames], NOBLOCK)
         except zmq.Again:
             pending.resend_at = time.monotonic() + TICK_S
             logger.debug("%s: socket full, task %s waits", self.name, pending.task_id)
@@ -640,7 +645,7 @@ class Master:
             interval *= self.config.liveness
         self._next_ping = now + interval
         try:
-            self.socket.send_multipart([b"", *_PING], zmq.NOBLOCK)
+            send_frames(self.socket, [b"", *_PING], NOBLOCK)
         except zmq.Again:
             pass
         if self._unanswered_since is None:

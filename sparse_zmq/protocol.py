@@ -153,6 +153,10 @@ def split_envelope(frames: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     )
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
+_DECODER = json.JSONDecoder()
+"""Made once: ``json.dumps`` with options builds a new encoder per call."""
+
 NOBLOCK = int(zmq.NOBLOCK)
 """``zmq.NOBLOCK`` as a plain integer (pyzmq's flags are enums, slow to combine)."""
 _SNDMORE = int(zmq.SNDMORE)
@@ -178,6 +182,24 @@ def send_frames(socket: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) 
     send(frames[-1], flags, copy=False)
 
 
+def recv_frames(socket: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
+    """Receive one multipart message as :class:`zmq.Frame` objects, without copying.
+
+    What ``socket.recv_multipart(flags, copy=False)`` does, reading each
+    frame's ``more`` flag instead of asking the socket for ``RCVMORE``.
+
+    Raises:
+        zmq.Again: ``flags`` has :data:`NOBLOCK` and no message is waiting.
+    """
+    recv = socket.recv
+    frame = recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = recv(flags, copy=False)
+        frames.append(frame)
+    return frames
+
+
 def _frame_bytes(frame: Any) -> bytes:
     return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
 
@@ -195,7 +217,7 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
             f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}"
         )
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(
             f"header is not UTF-8 JSON ({exc.__class__.__name__}), starts {raw[:16]!r}"
@@ -293,7 +315,7 @@ def pack(message: Message) -> list[Any]:
         "meta": message.meta,
     }
     try:
-        raw = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
+        raw = _ENCODER.encode(header).encode()
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"message meta is not JSON-serialisable: {exc}") from exc
     return [raw, *buffers]

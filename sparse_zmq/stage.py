@@ -84,6 +84,7 @@ from sparse_zmq.protocol import (
     error_frames,
     pack,
     parse_header,
+    recv_frames,
     send_frames,
     split_envelope,
     unpack,
@@ -320,7 +321,7 @@ class _BrokerLink:
         messages = []
         for _ in range(256):
             try:
-                frames = dealer.recv_multipart(_NOBLOCK, copy=False)
+                frames = recv_frames(dealer, _NOBLOCK)
             except zmq.Again:
                 break
             if self._heard_at is not None:
