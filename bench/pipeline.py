@@ -25,11 +25,12 @@ same mini-batch size and optimizer, using the machine's whole thread budget
     mini-batch, so with ``S`` stages and ``M`` micro-batches the stages idle
     ``(S - 1) / (M + S - 1)`` of the time at best.
 ``split-microbatch-2-in-flight``
-    As ``split-microbatch`` with two mini-batches in flight, which removes
-    that idle time. Not exact GPipe any more: a mini-batch may run forward
-    on weights the previous one has not updated yet (stale by one step), and
-    the intermediate stage keeps, for each backward, the weights its forward
-    used (weight stashing, enabled in this benchmark's stage processes).
+    As ``split-microbatch`` with two mini-batches in flight (and two
+    micro-batches each, see :class:`Settings`), which removes that idle
+    time. Not exact GPipe any more: a mini-batch may run forward on weights
+    the previous one has not updated yet (stale by one step), and the
+    intermediate stage keeps, for each backward, the weights its forward
+    used (weight stashing: ``SplitTrainingStage(stash_weights=True)``).
 
 All processes of all modes are started first; then each mode trains a few
 untimed mini-batches (thread pools and buffers warm), and the modes take
@@ -123,13 +124,20 @@ class Settings:
         warm_batches: Untimed mini-batches each mode trains first.
         rounds: Rounds over all modes; each mode's rate is the median.
         batches_per_round: Mini-batches each mode trains, timed, per round.
-        micro_batches: Micro-batches per mini-batch in the micro-batch modes.
+        micro_batches: Micro-batches per mini-batch in ``split-microbatch``.
+        micro_batches_in_flight: Micro-batches per mini-batch in
+            ``split-microbatch-2-in-flight``. With the pipeline kept full by
+            the second mini-batch, fewer and larger micro-batches cost less
+            per sample; with one in flight, more of them shorten the fill
+            and drain. Measured here (batch 32): 4 is best with one in
+            flight, 2 with two.
     """
 
     warm_batches: int
     rounds: int
     batches_per_round: int
     micro_batches: int
+    micro_batches_in_flight: int = 2
 
     @property
     def total_batches(self) -> int:
@@ -251,17 +259,20 @@ def _serve_stage(
     """Serve one partition as a worker of ``backend`` until SIGTERM.
 
     With ``stash_weights`` the stage keeps, for each backward, the weights its
-    forward used (:func:`torch.autograd.graph.allow_mutation_on_saved_tensors`),
+    forward used (see :meth:`stages.training.SplitTrainingStage.serving`),
     which lets an intermediate stage hold graphs of two mini-batches across a
-    step (the library's intermediate stages do not, see
-    :mod:`stages.source`). On the way out the stage writes its byte totals to
-    the file ``totals``.
+    step. On the way out the stage writes its byte totals to the file
+    ``totals``.
     """
     torch.set_num_threads(threads)
     stop = stop_event_on_sigterm()
     module = build_partition(MODEL, SPLIT, index, seed=0)
     stage = SplitTrainingStage(
-        module, last=index == len(SPLIT), optimizer=OPTIMIZER, name=f"partition-{index}"
+        module,
+        last=index == len(SPLIT),
+        optimizer=OPTIMIZER,
+        name=f"partition-{index}",
+        stash_weights=stash_weights,
     )
     counter = _ByteCounter(Path(totals))
     runtime = StageRuntime(
@@ -272,16 +283,10 @@ def _serve_stage(
         slots=slots,
         monitor=counter,  # type: ignore[arg-type]
     )
-    stash = (
-        torch.autograd.graph.allow_mutation_on_saved_tensors()
-        if stash_weights
-        else contextlib.nullcontext()
-    )
     conn.send(True)
     conn.close()
     try:
-        with stash:
-            runtime.run(stop)
+        runtime.run(stop)
     finally:
         runtime.close()
 
@@ -484,7 +489,7 @@ def _split_options(mode: str, settings: Settings) -> dict[str, int]:
         }
     if mode == "split-microbatch-2-in-flight":
         return {
-            "micro_batches": settings.micro_batches,
+            "micro_batches": settings.micro_batches_in_flight,
             "threads": shared,
             "in_flight": 2,
         }

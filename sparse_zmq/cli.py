@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps between checkpoints; a crash loses the steps since the "
         "last one (default: %(default)s)",
     )
+    stage.add_argument(
+        "--stash-weights", action="store_true",
+        help="keep, for each pending backward, the weights its forward used, so that "
+        "several mini-batches may be in flight through this intermediate stage (the "
+        "source's --in-flight above 1); costs a copy of the stepped parameters",
+    )
     _add_model_options(stage)
     _add_monitor_option(stage)
     _add_curve_options(stage, client=True)
@@ -143,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--in-flight", type=int, default=1,
         help="mini-batches under way at once (default: 1, exact GPipe; more keeps the "
-        "stages busy but no longer equals sequential training, and needs every "
-        "remote stage to be a last stage)",
+        "stages busy but no longer equals sequential training, and needs "
+        "--stash-weights on every intermediate stage)",
     )
     source.add_argument("--data", default=None, help="CIFAR-10 folder (default: bundled digits)")
     source.add_argument("--summary", type=Path, default=None, help="write the run summary JSON here")
@@ -250,7 +256,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         checkpoint = Checkpointer(args.checkpoint, PartitionId(args.model, tuple(split),
                                   args.partition), every=args.checkpoint_every)
     stage = SplitTrainingStage(module, last=last, optimizer=_optimizer(args), name=name,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint, stash_weights=args.stash_weights)
     monitor = MonitorClient(args.monitor, node=args.node, stage=name, role="stage")
     runtime = StageRuntime(stage, args.backend, next_frontend=args.next, node=args.node,
                            slots=args.slots, monitor=monitor, curve=_curve(args))

@@ -158,6 +158,15 @@ class Stage(abc.ABC):
             :class:`~sparse_zmq.errors.TaskTimeout`.
         """
 
+    def serving(self) -> contextlib.AbstractContextManager[Any]:
+        """A context the runtime holds open, in its thread, while it serves.
+
+        The default does nothing. A stage overrides it for state that must
+        span tasks, such as autograd hooks (see
+        :class:`stages.training.SplitTrainingStage`'s weight stashing).
+        """
+        return contextlib.nullcontext()
+
 
 @dataclass
 class _Running:
@@ -548,38 +557,42 @@ class StageRuntime:
 
     def run(self, stop: threading.Event) -> None:
         """Serve tasks until ``stop`` is set."""
-        link = self._link
-        link.start()
-        poller = zmq.Poller()
-        polled = link.socket
-        poller.register(polled, zmq.POLLIN)
-        if self._next is not None:
-            poller.register(self._next.socket, zmq.POLLIN)
+        self._link.start()
         try:
-            while not stop.is_set():
-                events = dict(poller.poll(link.wait_ms(POLL_MS)))
-                if polled in events:
-                    for frames in link.receive():
-                        self._on_task(frames)
-                if self._next is not None:
-                    if self._next.socket in events:
-                        reply = self._next.read()
-                        if reply is not None:
-                            self._resume(reply)
-                    for reply in self._next.tick():
-                        self._resume(reply)
-                link.tick()
-                if link.socket is not polled:  # reconnected as a new worker
-                    poller.unregister(polled)
-                    polled = link.socket
-                    poller.register(polled, zmq.POLLIN)
+            with self.stage.serving():
+                self._serve(stop)
         finally:
-            link.release()
+            self._link.release()
         logger.info(
             "%s: stopping with %d tasks in flight",
             self._where,
             len(self._next.pending) if self._next is not None else 0,
         )
+
+    def _serve(self, stop: threading.Event) -> None:
+        link = self._link
+        poller = zmq.Poller()
+        polled = link.socket
+        poller.register(polled, zmq.POLLIN)
+        if self._next is not None:
+            poller.register(self._next.socket, zmq.POLLIN)
+        while not stop.is_set():
+            events = dict(poller.poll(link.wait_ms(POLL_MS)))
+            if polled in events:
+                for frames in link.receive():
+                    self._on_task(frames)
+            if self._next is not None:
+                if self._next.socket in events:
+                    reply = self._next.read()
+                    if reply is not None:
+                        self._resume(reply)
+                for reply in self._next.tick():
+                    self._resume(reply)
+            link.tick()
+            if link.socket is not polled:  # reconnected as a new worker
+                poller.unregister(polled)
+                polled = link.socket
+                poller.register(polled, zmq.POLLIN)
 
     def close(self) -> None:
         """Withdraw from the broker and close the sockets (bounded waits)."""

@@ -18,11 +18,13 @@ and the run **no longer equals sequential training** (it is one or more
 steps stale, as in asynchronous pipelines such as PipeDream). The source's own
 partition then keeps the weights each mini-batch's forward used for its
 backward (weight stashing, through
-:func:`torch.autograd.graph.allow_mutation_on_saved_tensors`). Remote stages
-must be last stages for ``k > 1``: an intermediate
+:func:`torch.autograd.graph.allow_mutation_on_saved_tensors`). So must every
+intermediate remote stage: a
 :class:`~stages.training.SplitTrainingStage` holds autograd graphs across its
-offload, and a step between another mini-batch's forward and backward makes
-that backward fail (``modified by an inplace operation``), so the mini-batch is
+offload, and without ``stash_weights`` (``sparse-zmq stage
+--stash-weights``, which ``sparse-zmq run`` passes when ``--in-flight`` is
+above 1) a step between another mini-batch's forward and backward makes that
+backward fail (``modified by an inplace operation``), so the mini-batch is
 answered with an error.
 
 Replies are matched to micro-batches by task id, never by arrival order.

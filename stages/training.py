@@ -66,6 +66,7 @@ last stage, when an earlier stage died before its own step).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -130,6 +131,10 @@ class SplitTrainingStage(Stage):
         checkpoint: Saves the partition every N optimizer steps; when its
             folder already holds a checkpoint of this partition, the stage
             resumes from it here.
+        stash_weights: Keep, for each pending backward, the weights its
+            forward used, so that several mini-batches may be in flight
+            through this stage when it is an intermediate one (see
+            :meth:`serving`).
 
     Attributes:
         steps: Optimizer steps taken, counting those restored from a checkpoint.
@@ -147,8 +152,10 @@ class SplitTrainingStage(Stage):
         optimizer: Optimizer = Optimizer(),
         name: str = "train",
         checkpoint: Checkpointer | None = None,
+        stash_weights: bool = False,
     ) -> None:
         self.module = module
+        self.stash_weights = stash_weights
         self.last = last
         self.name = name
         self.optimizer = optimizer.build(module.parameters())
@@ -156,6 +163,28 @@ class SplitTrainingStage(Stage):
         self.checkpoint = checkpoint
         self.steps = checkpoint.restore(module, self.optimizer) if checkpoint else 0
         self._backwards_done: dict[str, int] = {}
+
+    def serving(self) -> contextlib.AbstractContextManager[Any]:
+        """Weight stashing while the runtime serves, if asked for.
+
+        An intermediate stage holds each micro-batch's autograd graph while
+        the next stage works on it. With one mini-batch in flight, the stage
+        steps only once every graph of the mini-batch is spent. With more,
+        it steps for one mini-batch while graphs of the next are pending; the
+        step changes parameters those graphs saved, and their backward would
+        fail (``modified by an inplace operation``). With ``stash_weights``
+        the runtime serves inside
+        :func:`torch.autograd.graph.allow_mutation_on_saved_tensors`: a
+        parameter about to be changed is first copied for the graphs that
+        saved it, so each backward uses the weights its forward used (weight
+        stashing, as in PipeDream), at the cost of one copy of the stepped
+        parameters per pending mini-batch. Torch allows one such context per
+        process, so one stashing stage per process (as ``sparse-zmq stage``
+        runs them).
+        """
+        if self.stash_weights:
+            return torch.autograd.graph.allow_mutation_on_saved_tensors()
+        return contextlib.nullcontext()
 
     def process(self, task: Task) -> StageOutput:
         """Run ``train`` or ``infer`` for one (micro-)batch."""

@@ -59,6 +59,23 @@ def test_run_hybrid_off_device_writes_one_task_row_per_batch_for_each_stage(tmp_
     assert not list(out.glob("*.sock"))
 
 
+@pytest.mark.slow
+def test_run_with_two_mini_batches_in_flight_through_an_intermediate_stage(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run([*CLI, "run", "hybrid-off-device", "--batches", "6", "--micro-batches",
+                           "2", "--in-flight", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["batches"] == 6 and summary["failed_batches"] == 0
+    with (out / "tasks.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["op"] == "train"]
+    # Two micro-batches per mini-batch through each remote stage, none failed.
+    assert Counter(r["stage"] for r in rows if r["node"] != "edge") == {
+        "partition-0": 12, "partition-1": 12}
+    assert all(r["status"] == "ok" for r in rows)
+
+
 def _start(args: list[str], tmp_path: Path, name: str) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "wb")
     return subprocess.Popen([*CLI, *args], stdout=log, stderr=subprocess.STDOUT)

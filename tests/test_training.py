@@ -196,11 +196,52 @@ def test_last_stage_reports_a_wrong_label_shape_clearly() -> None:
     assert result.meta["loss"] > 0  # the stage stays usable after a bad task
 
 
-def test_launcher_refuses_several_mini_batches_in_flight_with_an_intermediate_stage(
-    tmp_path,
-) -> None:
-    from sparse_zmq.launch import RunOptions, run_suite
+def _middle_task(task_id: str, batch: str, x: torch.Tensor) -> Task:
+    meta = {"batch": batch, "micro": 0, "micros": 1, "scale": 1.0}
+    return Task(task_id, "train", {"x": x}, meta)
 
-    with pytest.raises(ConfigError, match="intermediate stages on \\['fog'\\]"):
-        run_suite("hybrid-off-device", tmp_path, RunOptions(in_flight=2))
-    assert not any(tmp_path.iterdir())  # refused before anything started
+
+def test_weight_stashing_lets_a_step_fall_between_another_forward_and_its_backward() -> (
+    None
+):
+    x = torch.randn(4, 3, 32, 32)
+    for stash in (False, True):
+        stage = SplitTrainingStage(build_partition("vgg11-nobn", [7], 0, seed=0),
+                                   last=False, optimizer=OPT, stash_weights=stash)
+        with stage.serving():
+            first = stage.process(_middle_task("a", "b0", x))
+            second = stage.process(_middle_task("b", "b1", x))
+            sent = [next(first), next(second)]  # both forwards before any backward
+            grad = torch.ones_like(sent[0].tensors["x"])
+            reply = Message(Kind.RESULT, "a", {"grad": grad}, {"loss": 1.0})
+            with pytest.raises(StopIteration):
+                first.send(reply)  # b0's backward, then its step
+            assert stage.steps == 1
+            if not stash:
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    second.send(reply)
+                continue
+            with pytest.raises(StopIteration):
+                second.send(reply)  # b1's backward uses the weights its forward saw
+            assert stage.steps == 2
+
+
+@pytest.mark.slow
+def test_two_mini_batches_in_flight_through_an_intermediate_stage_train_without_errors() -> (
+    None
+):
+    # Torch allows one weight-stashing context per process, and these stages
+    # are threads of one process: one intermediate stage, as on a real host.
+    split = [7]
+    data = _dataset(4, 8)
+    parts = [build_partition("vgg11-nobn", split, i, seed=0) for i in range(2)]
+    stages = [SplitTrainingStage(p, last=i == 1, optimizer=OPT, name=f"p{i}",
+                                 stash_weights=i == 0)
+              for i, p in enumerate(parts)]
+    with serve_pipeline(stages, slots=4) as pipe, Master(pipe.frontend) as master:
+        source = TrainingSource(master, optimizer=OPT, micro_batches=2, in_flight=2,
+                                timeout_s=TIMEOUT_S)
+        report = source.train(data, batch_size=8, batches_total=4, seed=0)
+    assert report.failed_batches == 0
+    assert len(report.losses) == 4 and all(loss > 0 for loss in report.losses)
+    assert [stage.steps for stage in stages] == [4, 4]
