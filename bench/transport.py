@@ -15,6 +15,13 @@ process, the client in this one:
 ``zmq-direct``
     A pyzmq DEALER sends ``[b"", tensor]`` with ``copy=False`` to a ROUTER
     that sends the received frames straight back. No header, no codec.
+``bare-broker``
+    The floor of any brokered design written in Python: the same DEALER
+    client, a ROUTER-to-ROUTER forwarder process and an echo worker process
+    that move frames and nothing else (no header, codec, checks, queues,
+    heartbeats or bookkeeping). It shows what the doubled hops cost by
+    themselves, and so how much of the gap between ``sparse-zmq`` and
+    ``zmq-direct`` is ours.
 ``sparse-zmq``
     Our real path: :class:`~sparse_zmq.master.Master` -> :class:`brokers.fog.FogBroker`
     -> :class:`~sparse_zmq.stage.StageRuntime` running an echo stage -> broker
@@ -91,7 +98,7 @@ PAYLOADS = (1024, 1024**2, 16 * 1024**2)
 IN_FLIGHT = (1, 8)
 """Requests kept outstanding by the client."""
 
-METHODS = ("raw-socket", "zmq-direct", "sparse-zmq", "seed-baseline")
+METHODS = ("raw-socket", "zmq-direct", "bare-broker", "sparse-zmq", "seed-baseline")
 
 COLUMNS = ("method", "payload_bytes", "in_flight", "round_trips_per_s", "mb_per_s")
 
@@ -253,6 +260,60 @@ def _serve_zmq_echo(conn: multiprocessing.connection.Connection) -> None:
     context.term()
 
 
+def _serve_bare_broker(conn: multiprocessing.connection.Connection) -> None:
+    """A ROUTER-to-ROUTER forwarder that moves frames and does nothing else.
+
+    The worker announces itself with one frame; every client message goes to
+    it with the client's identity in front, every reply back by that identity.
+    Sends ``(frontend, backend)`` through ``conn``.
+    """
+    stop = stop_event_on_sigterm()
+    context = zmq.Context()
+    frontend = context.socket(zmq.ROUTER)
+    backend = context.socket(zmq.ROUTER)
+    for sock in (frontend, backend):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(LOOPBACK_TCP)
+    conn.send(
+        tuple(s.getsockopt_string(zmq.LAST_ENDPOINT) for s in (frontend, backend))
+    )
+    conn.close()
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    worker = None
+    while not stop.is_set():
+        ready = dict(poller.poll(100))
+        if backend in ready:
+            frames = backend.recv_multipart(copy=False)
+            if len(frames) == 2:
+                worker = frames[0]
+            else:
+                frontend.send_multipart(frames[1:], copy=False)
+        if frontend in ready and worker is not None:
+            backend.send_multipart([worker, *frontend.recv_multipart(copy=False)], copy=False)
+    frontend.close()
+    backend.close()
+    context.term()
+
+
+def _serve_bare_worker(conn: multiprocessing.connection.Connection, backend: str) -> None:
+    """A DEALER that announces itself once, then echoes every message as received."""
+    stop = stop_event_on_sigterm()
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(backend)
+    dealer.send(b"ready")
+    conn.send(True)
+    conn.close()
+    while not stop.is_set():
+        if dealer.poll(100):
+            dealer.send_multipart(dealer.recv_multipart(copy=False), copy=False)
+    dealer.close()
+    context.term()
+
+
 class EchoStage(Stage):
     """A last stage that answers every task with its own tensors."""
 
@@ -357,7 +418,7 @@ def _measure_zmq(
 
     def receive() -> None:
         if not dealer.poll(int(REPLY_TIMEOUT_S * 1000)):
-            raise TimeoutError(f"zmq-direct echo at {endpoint} did not answer")
+            raise TimeoutError(f"echo at {endpoint} did not answer")
         frames = dealer.recv_multipart(copy=False)
         if len(frames[-1]) != payload.nbytes:
             raise ValueError(
@@ -439,21 +500,28 @@ def run(
     samples: dict[tuple[str, int, int], list[float]] = {}
     context = zmq.Context()
     with Servers() as servers:
-        raw, echo, (frontend, backend), seed = servers.start_all(
+        raw, echo, bare, (frontend, backend), seed = servers.start_all(
             [
                 ("raw-socket", _serve_raw),
                 ("zmq-direct", _serve_zmq_echo),
+                ("bare-broker", _serve_bare_broker),
                 ("broker", serve_broker),
                 ("seed-baseline", serve_seed_baseline),
             ]
         )
-        servers.start("worker", _serve_echo_stage, backend, max(in_flights))
+        servers.start_all(
+            [
+                ("bare-worker", _serve_bare_worker, bare[1]),
+                ("worker", _serve_echo_stage, backend, max(in_flights)),
+            ]
+        )
         master = Master(
             frontend, name="bench", context=context, task_timeout_s=REPLY_TIMEOUT_S
         )
         measure: dict[str, Callable[[torch.Tensor, int], float]] = {
             "raw-socket": lambda t, k: _measure_raw(raw, t, k, settings),
             "zmq-direct": lambda t, k: _measure_zmq(echo, context, t, k, settings),
+            "bare-broker": lambda t, k: _measure_zmq(bare[0], context, t, k, settings),
             "sparse-zmq": lambda t, k: _measure_sparse(master, t, k, settings),
             "seed-baseline": lambda t, k: _measure_seed(seed, t, k, settings),
         }
@@ -498,6 +566,7 @@ def ratios(cells: Sequence[Cell]) -> list[tuple[str, int, int, float, float | No
     out = []
     for versus, goals in (
         ("zmq-direct", GOALS_VS_DIRECT),
+        ("bare-broker", ()),
         ("seed-baseline", GOALS_VS_SEED),
     ):
         for (method, size, in_flight), rate in by_key.items():
