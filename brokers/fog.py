@@ -114,8 +114,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from sparse_zmq.errors import ConfigError, ProtocolError
 from sparse_zmq.lifecycle import atomic_write_text, stop_on_signals
-from sparse_zmq.master import DEFAULT_MAX_MESSAGE_BYTES
 from sparse_zmq.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     NOBLOCK,
     Header,
     Kind,

@@ -74,6 +74,7 @@ import zmq
 from sparse_zmq.errors import ConfigError, ProtocolError, RemoteError, TaskTimeout
 from sparse_zmq.protocol import (
     DEFAULT_LIMITS,
+    DEFAULT_MAX_MESSAGE_BYTES,
     NOBLOCK,
     Kind,
     Limits,
@@ -104,12 +105,6 @@ logger = logging.getLogger(__name__)
 LINGER_MS = 200
 """How long a closing socket may keep trying to deliver queued messages."""
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024**2
-"""Default largest message (all frames) masters, brokers and workers accept.
-
-Chosen to hold the largest activations of the shipped suites (VGG on CIFAR-10
-at batch 256 after the first block is 64 MiB) with room to spare.
-"""
 
 TICK_S = 0.1
 """Longest wait between two rounds of re-sends, heartbeats and deadlines."""

@@ -50,6 +50,9 @@ from sparse_zmq.errors import ProtocolError
 
 __all__ = [
     "VERSION",
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "NOBLOCK",
     "Kind",
     "Limits",
     "Header",
@@ -60,6 +63,8 @@ __all__ = [
     "pack",
     "unpack",
     "error_frames",
+    "recv_frames",
+    "send_frames",
 ]
 
 VERSION = 1
@@ -98,6 +103,13 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024**2
+"""Default largest message (all frames) masters, brokers and workers accept.
+
+Chosen to hold the largest activations of the shipped suites (VGG on CIFAR-10
+at batch 256 after the first block is 64 MiB) with room to spare.
+"""
 
 
 @dataclass(frozen=True)

@@ -73,10 +73,11 @@ import torch
 import zmq
 
 from sparse_zmq.errors import ConfigError, ProtocolError, RemoteError, TaskTimeout
-from sparse_zmq.master import DEFAULT_MAX_MESSAGE_BYTES, LINGER_MS, Master, MasterConfig
+from sparse_zmq.master import LINGER_MS, Master, MasterConfig
 from sparse_zmq.monitor import MonitorClient
 from sparse_zmq.protocol import (
     DEFAULT_LIMITS,
+    DEFAULT_MAX_MESSAGE_BYTES,
     NOBLOCK as _NOBLOCK,
     Kind,
     Limits,

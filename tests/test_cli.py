@@ -124,3 +124,21 @@ def test_interrupted_run_stops_every_process_it_started(tmp_path: Path) -> None:
     assert not _descendants_alive(children)
     assert not list(out.glob("*.sock"))
     assert os.path.exists(out / "tasks.csv")
+
+
+def test_python_dash_m_brokers_runs_a_broker_that_stops_on_sigterm(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    log = open(tmp_path / "broker.log", "wb")
+    broker = subprocess.Popen([sys.executable, "-m", "brokers", "--frontend", "tcp://127.0.0.1:*",
+                               "--backend", "tcp://127.0.0.1:*", "--ready-file", str(ready)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(ready.exists, broker, 60, "the broker's ready file")
+        endpoints = json.loads(ready.read_text())
+        assert endpoints["frontend"].startswith("tcp://127.0.0.1:")
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(STOP_TIMEOUT_S) == 0, (tmp_path / "broker.log").read_text()
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+        log.close()
