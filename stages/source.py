@@ -37,6 +37,7 @@ import collections
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +172,9 @@ class TrainingSource:
             if self.in_flight > 1 and self.first is not None
             else contextlib.nullcontext()
         )
+        # Mini-batch ids are unique to this call, so that a long-lived stage
+        # never takes a new mini-batch for a re-sent old one.
+        run = uuid.uuid4().hex[:8]
         with stash:
             sent = 0
             epoch = 0
@@ -182,7 +186,9 @@ class TrainingSource:
                         break
                     while len(under_way) >= self.in_flight:
                         self._complete_oldest(under_way, report, batches_total)
-                    under_way.append(self._send(images, labels, batch_id=f"b{sent}"))
+                    under_way.append(
+                        self._send(images, labels, batch_id=f"{run}-b{sent}")
+                    )
                     sent += 1
                 epoch += 1
             while under_way:

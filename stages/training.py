@@ -59,13 +59,21 @@ What carries on regardless:
   checkpoints taken at the same step avoids that only if all of them were
   stopped between the same two mini-batches.
 
-Delivery to workers is at least once, so a mini-batch sent again after a
-crash may step a partition that had already stepped on it (for example the
-last stage, when an earlier stage died before its own step).
+Delivery to workers is at least once, so a micro-batch may reach a stage
+again after a crash or a broker restart (for example the last stage, when an
+earlier stage died before its own step and its task went to another worker).
+A stage remembers which micro-batches of each mini-batch it has
+back-propagated (by ``batch`` and ``micro``, and the last 4096 mini-batches it
+stepped): a micro-batch seen again is answered as usual, its input gradient
+included, but its gradient is not added to the parameters a second time and
+it does not count towards the step (counted in
+:attr:`SplitTrainingStage.duplicates` and logged). A stage that restarted from
+a checkpoint has forgotten what it saw before.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Generator
@@ -120,6 +128,10 @@ def build_partition(
     return partition(build_model(model, seed=seed), split)[index]
 
 
+_REMEMBERED_STEPS = 4096
+"""Mini-batches a stage remembers having stepped, to recognise late re-sends."""
+
+
 class SplitTrainingStage(Stage):
     """A partition of a split-learning pipeline.
 
@@ -162,7 +174,10 @@ class SplitTrainingStage(Stage):
         self.loss_fn = nn.CrossEntropyLoss()
         self.checkpoint = checkpoint
         self.steps = checkpoint.restore(module, self.optimizer) if checkpoint else 0
-        self._backwards_done: dict[str, int] = {}
+        self.duplicates = 0
+        """Micro-batch backwards skipped because their gradient was already applied."""
+        self._backwards_done: dict[str, set[int]] = {}
+        self._stepped: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def serving(self) -> contextlib.AbstractContextManager[Any]:
         """Weight stashing while the runtime serves, if asked for.
@@ -220,9 +235,14 @@ class SplitTrainingStage(Stage):
         if out.shape[0] != y.shape[0]:
             raise ConfigError(f"{out.shape[0]} predictions for {y.shape[0]} labels")
         loss = self.loss_fn(out, y)
-        (loss * float(task.meta.get("scale", 1.0))).backward()
-        self._micro_done(task)
-        tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
+        scaled = loss * float(task.meta.get("scale", 1.0))
+        if self._applied(task):
+            # A re-sent micro-batch: answer it, but add no gradient twice.
+            tensors = {"grad": torch.autograd.grad(scaled, [x])[0]} if want_grad else {}
+        else:
+            scaled.backward()
+            self._micro_done(task)
+            tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
         correct = int((out.detach().argmax(1) == y).sum())
         return Result(tensors, {"loss": float(loss.detach()), "correct": correct})
 
@@ -247,22 +267,52 @@ class SplitTrainingStage(Stage):
                 f"next stage answered with gradient of shape {got}, "
                 f"expected {list(activation.shape)}"
             )
-        activation.backward(grad)
-        self._micro_done(task)
-        tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
+        if self._applied(task):
+            # A re-sent micro-batch: answer it, but add no gradient twice.
+            tensors = (
+                {"grad": torch.autograd.grad(activation, [x], grad)[0]} if want_grad else {}
+            )
+        else:
+            activation.backward(grad)
+            self._micro_done(task)
+            tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
         return Result(
             tensors, {k: reply.meta[k] for k in ("loss", "correct") if k in reply.meta}
         )
 
-    def _micro_done(self, task: Task) -> None:
-        """Count a finished backward; step once the whole mini-batch is in."""
-        micros = int(task.meta.get("micros", 1))
+    @staticmethod
+    def _micro_of(task: Task) -> tuple[str, int, int]:
+        """The task's mini-batch id, micro-batch index and micro-batch count."""
         batch = str(task.meta.get("batch", task.task_id))
-        done = self._backwards_done.get(batch, 0) + 1
-        if done < micros:
-            self._backwards_done[batch] = done
+        return batch, int(task.meta.get("micro", 0)), int(task.meta.get("micros", 1))
+
+    def _applied(self, task: Task) -> bool:
+        """True if this micro-batch's gradient is already in (a re-sent task)."""
+        batch, micro, _ = self._micro_of(task)
+        if batch in self._stepped or micro in self._backwards_done.get(batch, ()):
+            self.duplicates += 1
+            logger.warning(
+                "%s: micro-batch %d of mini-batch %s arrived again (task %s, re-sent "
+                "after a failure); answered, its gradient not applied twice",
+                self.name,
+                micro,
+                batch,
+                task.task_id,
+            )
+            return True
+        return False
+
+    def _micro_done(self, task: Task) -> None:
+        """Note a finished backward; step once every micro-batch is in."""
+        batch, micro, micros = self._micro_of(task)
+        done = self._backwards_done.setdefault(batch, set())
+        done.add(micro)
+        if len(done) < micros:
             return
-        self._backwards_done.pop(batch, None)
+        del self._backwards_done[batch]
+        self._stepped[batch] = None
+        if len(self._stepped) > _REMEMBERED_STEPS:
+            self._stepped.popitem(last=False)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1

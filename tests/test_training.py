@@ -245,3 +245,57 @@ def test_two_mini_batches_in_flight_through_an_intermediate_stage_train_without_
     assert report.failed_batches == 0
     assert len(report.losses) == 4 and all(loss > 0 for loss in report.losses)
     assert [stage.steps for stage in stages] == [4, 4]
+
+def _train_task(task_id: str, x: torch.Tensor, y: torch.Tensor | None, micro: int,
+                micros: int) -> Task:
+    tensors = {"x": x.clone()} if y is None else {"x": x.clone(), "y": y}
+    meta = {"batch": "run-b0", "micro": micro, "micros": micros, "scale": 1 / micros,
+            "grad": True}
+    return Task(task_id, "train", tensors, meta)
+
+
+def test_last_stage_answers_a_re_sent_micro_batch_but_applies_its_gradient_once() -> None:
+    x, y = _batch(4)
+    act = build_partition("vgg11-nobn", [7], 0, seed=0)(x).detach()
+    stage = SplitTrainingStage(build_partition("vgg11-nobn", [7], 1, seed=0), last=True,
+                               optimizer=OPT)
+    once = SplitTrainingStage(build_partition("vgg11-nobn", [7], 1, seed=0), last=True,
+                              optimizer=OPT)
+
+    first = stage.process(_train_task("t1", act, y, 0, 2))
+    again = stage.process(_train_task("t1-resent", act, y, 0, 2))
+    assert stage.duplicates == 1 and stage.steps == 0
+    torch.testing.assert_close(again.tensors["grad"], first.tensors["grad"])
+    assert again.meta["loss"] == pytest.approx(first.meta["loss"])
+
+    stage.process(_train_task("t2", act, y, 1, 2))
+    stage.process(_train_task("t1-late", act, y, 0, 2))  # after the step: still once
+    assert stage.steps == 1 and stage.duplicates == 2
+
+    once.process(_train_task("t1", act, y, 0, 2))
+    once.process(_train_task("t2", act, y, 1, 2))
+    for (name, got), want in zip(stage.module.state_dict().items(),
+                                 once.module.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=f"{name} differs")
+
+
+def test_intermediate_stage_answers_a_re_sent_micro_batch_but_applies_its_gradient_once() -> (
+    None
+):
+    x, _ = _batch(4)
+    stage = SplitTrainingStage(build_partition("vgg11-nobn", [7], 0, seed=0), last=False,
+                               optimizer=OPT)
+    results = []
+    for task_id in ("t1", "t1-resent"):
+        generator = stage.process(_train_task(task_id, x, None, 0, 1))
+        offload = next(generator)
+        grad = torch.ones_like(offload.tensors["x"])
+        with pytest.raises(StopIteration) as done:
+            generator.send(Message(Kind.RESULT, task_id, {"grad": grad}, {"loss": 1.0}))
+        results.append(done.value.value)
+        if task_id == "t1":
+            stepped = {k: v.clone() for k, v in stage.module.state_dict().items()}
+    assert stage.steps == 1 and stage.duplicates == 1
+    assert results[1].tensors["grad"].shape == x.shape  # the sender still gets its gradient
+    for name, value in stage.module.state_dict().items():
+        torch.testing.assert_close(value, stepped[name], msg=f"{name} changed again")
