@@ -78,7 +78,6 @@ from sparse_zmq.monitor import MonitorClient
 from sparse_zmq.protocol import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_MESSAGE_BYTES,
-    NOBLOCK as _NOBLOCK,
     Kind,
     Limits,
     Message,
@@ -89,6 +88,9 @@ from sparse_zmq.protocol import (
     send_frames,
     split_envelope,
     unpack,
+)
+from sparse_zmq.protocol import (
+    NOBLOCK as _NOBLOCK,
 )
 from sparse_zmq.security import CurveConfig, secure_client
 

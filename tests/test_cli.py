@@ -64,7 +64,7 @@ def test_run_with_two_mini_batches_in_flight_through_an_intermediate_stage(tmp_p
     out = tmp_path / "run"
     proc = subprocess.run([*CLI, "run", "hybrid-off-device", "--batches", "6", "--micro-batches",
                            "2", "--in-flight", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["batches"] == 6 and summary["failed_batches"] == 0
@@ -128,17 +128,17 @@ def test_interrupted_run_stops_every_process_it_started(tmp_path: Path) -> None:
 
 def test_python_dash_m_brokers_runs_a_broker_that_stops_on_sigterm(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
-    log = open(tmp_path / "broker.log", "wb")
-    broker = subprocess.Popen([sys.executable, "-m", "brokers", "--frontend", "tcp://127.0.0.1:*",
-                               "--backend", "tcp://127.0.0.1:*", "--ready-file", str(ready)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_for(ready.exists, broker, 60, "the broker's ready file")
-        endpoints = json.loads(ready.read_text())
-        assert endpoints["frontend"].startswith("tcp://127.0.0.1:")
-        broker.send_signal(signal.SIGTERM)
-        assert broker.wait(STOP_TIMEOUT_S) == 0, (tmp_path / "broker.log").read_text()
-    finally:
-        if broker.poll() is None:
-            broker.kill()
-        log.close()
+    with open(tmp_path / "broker.log", "wb") as log:
+        broker = subprocess.Popen([sys.executable, "-m", "brokers", "--frontend",
+                                   "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                                   "--ready-file", str(ready)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(ready.exists, broker, 60, "the broker's ready file")
+            endpoints = json.loads(ready.read_text())
+            assert endpoints["frontend"].startswith("tcp://127.0.0.1:")
+            broker.send_signal(signal.SIGTERM)
+            assert broker.wait(STOP_TIMEOUT_S) == 0, (tmp_path / "broker.log").read_text()
+        finally:
+            if broker.poll() is None:
+                broker.kill()
