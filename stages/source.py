@@ -18,7 +18,7 @@ and the run **no longer equals sequential training** (it is one or more
 steps stale, as in asynchronous pipelines such as PipeDream). The source's own
 partition then keeps the weights each mini-batch's forward used for its
 backward (weight stashing, through
-:func:`torch.autograd.graph.allow_mutation_on_saved_tensors`). So must every
+:class:`~stages.training.WeightStash`). So must every
 intermediate remote stage: a
 :class:`~stages.training.SplitTrainingStage` holds autograd graphs across its
 offload, and without ``stash_weights`` (``sparse-zmq stage
@@ -48,7 +48,7 @@ from sparse_zmq.errors import ConfigError, RemoteError, TaskTimeout
 from sparse_zmq.master import Master, Reply
 from sparse_zmq.monitor import MonitorClient
 from stages.data import Dataset, batches
-from stages.training import Optimizer
+from stages.training import Optimizer, WeightStash
 
 __all__ = ["TrainingSource", "TrainingReport"]
 
@@ -152,6 +152,7 @@ class TrainingSource:
         )
         self.timeout_s = timeout_s
         self._by_task: dict[str, _MiniBatch] = {}
+        self._stash = WeightStash()
 
     def train(
         self, data: Dataset, *, batch_size: int, batches_total: int, seed: int = 0
@@ -167,9 +168,8 @@ class TrainingSource:
         under_way: collections.deque[_MiniBatch] = collections.deque()
         # Several mini-batches in flight: the source's partition steps between a
         # later mini-batch's forward and backward, so keep the weights it used.
-        stash = (
-            torch.autograd.graph.allow_mutation_on_saved_tensors()
-            if self.in_flight > 1 and self.first is not None
+        stash: contextlib.AbstractContextManager[Any] = (
+            self._stash if self.in_flight > 1 and self.first is not None
             else contextlib.nullcontext()
         )
         # Mini-batch ids are unique to this call, so that a long-lived stage
@@ -304,6 +304,7 @@ class TrainingSource:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._stash.forget_spent()
         self.monitor.task(
             batch.batch_id,
             "train",

@@ -89,7 +89,7 @@ from sparse_zmq.stage import Offload, Result, Stage, StageOutput, Task
 from stages.checkpoint import Checkpointer
 from stages.models import build_model, partition
 
-__all__ = ["Optimizer", "SplitTrainingStage", "build_partition"]
+__all__ = ["Optimizer", "SplitTrainingStage", "WeightStash", "build_partition"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,53 @@ def build_partition(
             f"allowed 0..{len(split)}"
         )
     return partition(build_model(model, seed=seed), split)[index]
+
+
+class WeightStash:
+    """Weight stashing held open across many tasks, kept from growing.
+
+    Inside :func:`torch.autograd.graph.allow_mutation_on_saved_tensors`, a
+    tensor saved for a pending backward is copied before an in-place change
+    (an optimizer step), so that backward uses the values its forward saw.
+    Torch's context also records, for every tensor ever saved, which storage
+    it aliases, and forgets nothing until the context ends: held open for the
+    life of a stage, that record grows by every step. :meth:`forget_spent`
+    drops the records of saved tensors that no pending graph holds any more
+    (torch skips those records anyway), so a stage that calls it after each
+    step keeps only what its pending graphs need.
+
+    Torch allows one such context per process at a time.
+    """
+
+    def __init__(self) -> None:
+        self._manager: contextlib.AbstractContextManager[Any] | None = None
+        self.context: Any = None
+        """Torch's state of the open context (None while closed)."""
+
+    def __enter__(self) -> WeightStash:
+        """Open the torch context."""
+        self._manager = torch.autograd.graph.allow_mutation_on_saved_tensors()
+        self.context = self._manager.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the torch context (its records are dropped with it)."""
+        manager, self._manager, self.context = self._manager, None, None
+        if manager is not None:
+            manager.__exit__(*exc)  # type: ignore[arg-type]
+
+    def forget_spent(self) -> None:
+        """Drop the aliasing records of saved tensors no graph holds any more."""
+        aliases = getattr(self.context, "sid_to_tid", None)
+        handles = getattr(self.context, "tid_to_weakhandle", None)
+        if aliases is None or handles is None:
+            return  # closed, or a torch whose context is laid out otherwise
+        live = set(handles.keys())
+        for storage in list(aliases):
+            tensors = aliases[storage]
+            tensors &= live
+            if not tensors:
+                del aliases[storage]
 
 
 _REMEMBERED_STEPS = 4096
@@ -168,6 +215,7 @@ class SplitTrainingStage(Stage):
     ) -> None:
         self.module = module
         self.stash_weights = stash_weights
+        self._stash = WeightStash()
         self.last = last
         self.name = name
         self.optimizer = optimizer.build(module.parameters())
@@ -193,12 +241,12 @@ class SplitTrainingStage(Stage):
         parameter about to be changed is first copied for the graphs that
         saved it, so each backward uses the weights its forward used (weight
         stashing, as in PipeDream), at the cost of one copy of the stepped
-        parameters per pending mini-batch. Torch allows one such context per
-        process, so one stashing stage per process (as ``sparse-zmq stage``
-        runs them).
+        parameters per pending mini-batch (see :class:`WeightStash`). Torch
+        allows one such context per process, so one stashing stage per
+        process (as ``sparse-zmq stage`` runs them).
         """
         if self.stash_weights:
-            return torch.autograd.graph.allow_mutation_on_saved_tensors()
+            return self._stash
         return contextlib.nullcontext()
 
     def process(self, task: Task) -> StageOutput:
@@ -267,15 +315,28 @@ class SplitTrainingStage(Stage):
                 f"next stage answered with gradient of shape {got}, "
                 f"expected {list(activation.shape)}"
             )
-        if self._applied(task):
-            # A re-sent micro-batch: answer it, but add no gradient twice.
-            tensors = (
-                {"grad": torch.autograd.grad(activation, [x], grad)[0]} if want_grad else {}
-            )
-        else:
-            activation.backward(grad)
-            self._micro_done(task)
-            tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
+        try:
+            if self._applied(task):
+                # A re-sent micro-batch: answer it, but add no gradient twice.
+                tensors = (
+                    {"grad": torch.autograd.grad(activation, [x], grad)[0]}
+                    if want_grad
+                    else {}
+                )
+            else:
+                activation.backward(grad)
+                self._micro_done(task)
+                tensors = {"grad": x.grad} if want_grad and x.grad is not None else {}
+        except RuntimeError as exc:
+            if "modified by an inplace operation" not in str(exc) or self.stash_weights:
+                raise
+            raise ConfigError(
+                f"{self.name}: a step for another mini-batch changed the weights the "
+                "forward of this micro-batch used, so its backward cannot run: several "
+                "mini-batches are in flight through this intermediate stage; start it "
+                "with --stash-weights (SplitTrainingStage(stash_weights=True)) or keep "
+                "one mini-batch in flight"
+            ) from exc
         return Result(
             tensors, {k: reply.meta[k] for k in ("loss", "correct") if k in reply.meta}
         )
@@ -316,6 +377,7 @@ class SplitTrainingStage(Stage):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        self._stash.forget_spent()
         if self.checkpoint is not None:
             self.checkpoint.after_step(self.steps, self.module, self.optimizer)
 
