@@ -471,6 +471,8 @@ class FogBroker:
         self._workers: dict[bytes, _Worker] = {}
         self._in_flight: dict[_TaskKey, bytes] = {}
         self._streams: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        # Streams whose worker left, until a task pins them again (warned then).
+        self._left: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._heartbeat = pack(
             Message(
                 Kind.HEARTBEAT,
@@ -1058,6 +1060,17 @@ class FogBroker:
     def _pin(self, stream: str, worker: _Worker) -> None:
         self._streams[stream] = worker.identity
         worker.streams.add(stream)
+        left = self._left.pop(stream, None)
+        if left is not None:
+            logger.warning(
+                "%s: stream %r was pinned to worker %s, which left; it goes on at "
+                "worker %s, whose parameters differ",
+                self.name,
+                stream,
+                _peer(left),
+                _peer(worker.identity),
+            )
+            return
         logger.info(
             "%s: stream %r pinned to worker %s",
             self.name,
@@ -1134,9 +1147,12 @@ class FogBroker:
             if self._streams.get(stream) == worker.identity:
                 del self._streams[stream]
                 self.stats["streams_repinned"] += 1
-                logger.warning(
-                    "%s: stream %r was pinned to worker %s, which left; its next "
-                    "task pins it to another worker, whose parameters differ",
+                self._left[stream] = worker.identity
+                while len(self._left) > self.config.max_streams:
+                    self._left.popitem(last=False)
+                # Normal at the end of a run; a warning only if the stream goes on.
+                logger.info(
+                    "%s: stream %r unpinned: its worker %s left",
                     self.name,
                     stream,
                     _peer(worker.identity),
