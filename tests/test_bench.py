@@ -121,6 +121,31 @@ def test_seed_baseline_echoes_a_pickled_tensor_on_a_new_connection_per_task() ->
     assert torch.equal(activation, tensor) and labels.tolist() == [3]
 
 
+def test_seed_client_opens_one_new_connection_per_task() -> None:
+    import asyncio
+
+    from bench.seed_baseline import LOOPBACK, _rx_pipe
+
+    tensor = torch.randn(100)
+    peers: list[tuple[str, int]] = []
+
+    async def counting_rx_pipe(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername"))
+        await _rx_pipe(reader, writer)  # the baseline worker's own handler
+
+    async def three_tasks() -> None:
+        server = await asyncio.start_server(counting_rx_pipe, LOOPBACK, 0)
+        async with server:
+            client = SeedClient(LOOPBACK, server.sockets[0].getsockname()[1])
+            for _ in range(3):
+                gradient, _ = await client.train(tensor, torch.empty(0, dtype=torch.int64))
+                assert torch.equal(gradient, tensor)
+
+    asyncio.run(three_tasks())
+    assert len(peers) == 3 and len(set(peers)) == 3  # three connections, three ports
+
+
 def test_seed_baseline_talks_to_loopback_only() -> None:
     with pytest.raises(ValueError, match="only talks to 127.0.0.1"):
         SeedClient("0.0.0.0", 9)

@@ -604,6 +604,33 @@ def pickle_payload(marker: Path) -> bytes:
     return payload
 
 
+def test_broker_code_never_decodes_or_rebuilds_tensor_frames() -> None:
+    import ast
+
+    import brokers.fog
+
+    tree = ast.parse(Path(brokers.fog.__file__).read_text(encoding="utf-8"))
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    # Tensor frames are forwarded as the zmq.Frame objects received: the broker
+    # reads headers only, and has nothing that could decode or join payloads.
+    assert not imported & {"unpack", "decode_tensor", "encode_tensor", "torch", "numpy"}
+    assert "sparse_zmq.codec" not in modules
+    calls = {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    # Frames move through recv_frames / send_frames (copy=False), never through
+    # pyzmq's copying defaults or a conversion of a frame to bytes.
+    assert not calls & {"send_multipart", "recv_multipart", "tobytes"}
+
+
 def test_pickle_payload_used_below_does_create_its_marker(tmp_path: Path) -> None:
     control = tmp_path / "control-marker"
     pickle.loads(pickle_payload(control))  # our own payload, to show it is live
