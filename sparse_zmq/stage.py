@@ -65,7 +65,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,7 @@ from sparse_zmq.monitor import MonitorClient
 from sparse_zmq.protocol import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    NOBLOCK,
     Kind,
     Limits,
     Message,
@@ -89,9 +90,6 @@ from sparse_zmq.protocol import (
     split_envelope,
     unpack,
 )
-from sparse_zmq.protocol import (
-    NOBLOCK as _NOBLOCK,
-)
 from sparse_zmq.security import CurveConfig, secure_client
 
 __all__ = ["Offload", "Result", "Stage", "StageOutput", "StageRuntime", "Task"]
@@ -102,7 +100,7 @@ POLL_MS = 100
 """Poll timeout of the loop; bounds how long a stop request waits."""
 
 STOP_TIMEOUT_S = 5.0
-"""Longest wait for the broker link thread to say goodbye and close."""
+"""Longest wait for the heartbeat keeper to stop and the broker socket to be free."""
 
 _READY_SLOTS_META = "slots"
 
@@ -221,7 +219,7 @@ class _BrokerLink:
         }
         self.identity = b""
         self.broker: str | None = None
-        self.on_reset: Any = None
+        self.on_reset: Callable[[], None] | None = None
         """Called (by the loop's thread) after reconnecting as a new worker."""
         self._context = context
         self._where = where
@@ -333,7 +331,7 @@ class _BrokerLink:
         messages = []
         for _ in range(256):
             try:
-                frames = recv_frames(dealer, _NOBLOCK)
+                frames = recv_frames(dealer, NOBLOCK)
             except zmq.Again:
                 break
             if self._heard_at is not None:
@@ -358,7 +356,7 @@ class _BrokerLink:
         deadline = time.monotonic() + self._interval * self._liveness
         while True:
             try:
-                send_frames(self.socket, frames, _NOBLOCK)
+                send_frames(self.socket, frames, NOBLOCK)
                 return
             except zmq.Again:
                 now = time.monotonic()
@@ -430,7 +428,7 @@ class _BrokerLink:
 
     def _control(self, kind: Kind, meta: dict[str, Any]) -> None:
         try:
-            send_frames(self.socket, [b"", *pack(Message(kind, meta=meta))], _NOBLOCK)
+            send_frames(self.socket, [b"", *pack(Message(kind, meta=meta))], NOBLOCK)
         except zmq.Again:
             pass
 
