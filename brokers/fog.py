@@ -1024,6 +1024,10 @@ class FogBroker:
             self._workers[owner].pinned.append(task)
         else:
             self._queue.append(task)
+        self._count_waiting(task)
+
+    def _count_waiting(self, task: _Task) -> None:
+        """Count a task just queued in the totals and their peaks."""
         self._queued_keys.add(task.key)
         self._waiting += 1
         self._waiting_bytes += task.size
@@ -1132,13 +1136,7 @@ class FogBroker:
         """Put accepted tasks back at the front of the main queue, in order."""
         for task in reversed(tasks):
             self._queue.appendleft(task)
-            self._queued_keys.add(task.key)
-            self._waiting += 1
-            self._waiting_bytes += task.size
-        self.stats["peak_queued"] = max(self.stats["peak_queued"], self._waiting)
-        self.stats["peak_queued_bytes"] = max(
-            self.stats["peak_queued_bytes"], self._waiting_bytes
-        )
+            self._count_waiting(task)
 
     def _forget(self, worker: _Worker) -> None:
         """Drop a worker with no tasks left, and its stream pins."""

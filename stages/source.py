@@ -289,22 +289,17 @@ class TrainingSource:
         if batch.failure is not None:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
-            self.monitor.task(
-                batch.batch_id,
-                "train",
-                batch.size,
-                batch.started,
-                time.time(),
-                batch.bytes_in,
-                batch.bytes_out,
-                status="error",
-                detail=str(batch.failure)[:200],
-            )
+            self._record(batch, status="error", detail=str(batch.failure)[:200])
             raise batch.failure
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._stash.forget_spent()
+        self._record(batch, status="ok")
+        return batch.loss, batch.correct
+
+    def _record(self, batch: _MiniBatch, **fields: Any) -> None:
+        """Write one mini-batch's task record to the monitor."""
         self.monitor.task(
             batch.batch_id,
             "train",
@@ -313,9 +308,8 @@ class TrainingSource:
             time.time(),
             batch.bytes_in,
             batch.bytes_out,
-            status="ok",
+            **fields,
         )
-        return batch.loss, batch.correct
 
     def _on_reply(self, reply: Reply) -> None:
         """Back-propagate one micro-batch's gradient and add up its loss."""
