@@ -395,7 +395,8 @@ class FogBroker:
             from workers the broker does not know, answered with
             ``disconnect``), ``workers_lost`` (declared dead),
             ``tasks_requeued`` (put back after their worker was lost),
-            ``streams_repinned`` (streams unpinned from a lost worker),
+            ``streams_repinned`` (streams unpinned because their worker left,
+            lost or at the end of a run),
             ``worker_unreachable`` and ``master_unreachable`` (sends that
             failed because the peer was gone or its queue full),
             ``frontend_disconnects`` and ``backend_disconnects`` (connections
